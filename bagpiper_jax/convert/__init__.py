@@ -1,0 +1,1 @@
+"""Checkpoint conversion between the Flax parameter tree and PyTorch/ESPnet/HF tensor names."""
