@@ -1,0 +1,126 @@
+"""Audio loading and the Whisper-style log-mel that feeds the Qwen3-Omni audio encoder.
+
+The encoder (SPEC.md) consumes 128-bin log-mel at 16 kHz with a 10 ms hop, exactly as
+`transformers.WhisperFeatureExtractor(feature_size=128)` computes it: periodic Hann window of 400,
+centred STFT with reflect padding, power spectrum, Slaney mel filters 0..8 kHz, log10 floored at
+1e-10, clamp to (max - 8), then (x + 4) / 4. The last STFT frame is dropped, so T = n_samples // 160.
+
+We differ from the feature extractor's *default call* in one way on purpose: nothing is padded to
+30 s. Qwen3-Omni's processor calls the extractor with `padding=True` ("longest"), so a single clip
+is featurised at its true length and the encoder sees exactly T frames. Consequences:
+  * our output equals `WhisperFeatureExtractor(feature_size=128)(x, padding="longest")` for one clip;
+  * against the 30 s-padded default output, frames 0..T-2 agree whenever the loudest frame is not in
+    the last ~25 ms: the padded call takes its max (for the -8 clamp) over the padded array, whose
+    extra frames at the clip's end mix real samples with zeros, and its last frame sees zeros where
+    ours sees the reflected signal.
+
+Numpy only (librosa for resampling and the mel filter matrix); no torch/transformers at run time.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+N_FFT = 400
+HOP_LENGTH = 160
+NUM_MEL_BINS = 128
+
+
+class AudioError(ValueError):
+  """An audio file that cannot be turned into features (missing, unreadable, bad segment, ...)."""
+
+
+def load_audio(path: str, *, start: Optional[float] = None, end: Optional[float] = None,
+               sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, int]:
+  """Reads `path` as mono float32 at `sample_rate`, cut to [start, end) seconds.
+
+  Returns (waveform, original_sample_rate) so callers can report files that were not at the
+  expected rate. Raises AudioError naming the file for anything unusable.
+  """
+  import librosa  # Imported lazily: ~1 s, and only the workers need it.
+  import soundfile as sf
+
+  if not os.path.exists(path):
+    raise AudioError(f"{path}: file not found")
+  try:
+    info = sf.info(path)
+    orig_sr, duration = int(info.samplerate), float(info.frames) / float(info.samplerate)
+  except Exception:  # soundfile cannot parse it; librosa may still (audioread), else it is corrupt.
+    try:
+      orig_sr = int(librosa.get_samplerate(path))
+      duration = float(librosa.get_duration(path=path))
+    except Exception as e:
+      raise AudioError(f"{path}: unreadable audio ({type(e).__name__}: {e})") from e
+  start = float(start or 0.0)
+  if start < 0 or start >= duration:
+    raise AudioError(f"{path}: segment start {start:.3f}s outside the audio (duration {duration:.3f}s)")
+  if end is not None:
+    end = float(end)
+    if end <= start:
+      raise AudioError(f"{path}: segment end {end:.3f}s is not after start {start:.3f}s")
+    if end > duration + 0.05:  # 50 ms of slack for rounding in manifests
+      raise AudioError(f"{path}: segment end {end:.3f}s beyond the audio (duration {duration:.3f}s)")
+  try:
+    wav, _ = librosa.load(path, sr=sample_rate, mono=True, offset=start,
+                          duration=None if end is None else end - start, dtype=np.float32)
+  except Exception as e:
+    raise AudioError(f"{path}: unreadable audio ({type(e).__name__}: {e})") from e
+  if wav.size == 0:
+    raise AudioError(f"{path}: no samples in segment [{start}, {end})")
+  if not np.all(np.isfinite(wav)):
+    raise AudioError(f"{path}: audio contains NaN/inf samples")
+  return wav.astype(np.float32, copy=False), orig_sr
+
+
+@functools.lru_cache(maxsize=4)
+def mel_filters(num_mel_bins: int = NUM_MEL_BINS) -> np.ndarray:
+  """[num_mel_bins, 1 + N_FFT // 2] Slaney mel filter bank, 0..8 kHz (Whisper's, via librosa)."""
+  import librosa
+
+  return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=num_mel_bins, fmin=0.0,
+                             fmax=SAMPLE_RATE / 2, htk=False, norm="slaney").astype(np.float64)
+
+
+def num_frames(num_samples: int) -> int:
+  """Mel frames for a clip of `num_samples` (the extractor drops the last STFT frame)."""
+  return num_samples // HOP_LENGTH
+
+
+def log_mel(wav: np.ndarray, *, num_mel_bins: int = NUM_MEL_BINS) -> np.ndarray:
+  """Whisper log-mel of a 16 kHz mono clip, float32 [num_mel_bins, n_samples // 160].
+
+  See the module docstring for the exact recipe and how it relates to the 30 s-padded extractor.
+  """
+  wav = np.asarray(wav, dtype=np.float64)
+  if wav.ndim != 1:
+    raise ValueError(f"log_mel expects a 1-D waveform, got shape {wav.shape}")
+  t = num_frames(wav.shape[0])
+  if t == 0:
+    raise ValueError(f"waveform of {wav.shape[0]} samples is shorter than one hop ({HOP_LENGTH})")
+  # Centred STFT as torch.stft(center=True, pad_mode="reflect"); numpy's reflect also copes with
+  # clips shorter than the 200-sample pad (torch would refuse), which only matters for T == 1.
+  padded = np.pad(wav, N_FFT // 2, mode="reflect")
+  frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][:t]
+  window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(N_FFT) / N_FFT)  # periodic Hann
+  power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2  # [T, 201]
+  mel = mel_filters(num_mel_bins) @ power.T  # [bins, T]
+  log_spec = np.log10(np.maximum(mel, 1e-10))
+  log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
+  return ((log_spec + 4.0) / 4.0).astype(np.float32)
+
+
+def mel_features(wav: np.ndarray) -> np.ndarray:
+  """The record's user-audio content: float16 [128, T] (records.py "mel")."""
+  return log_mel(wav).astype(np.float16)
+
+
+def file_features(path: str, *, start: Optional[float] = None,
+                  end: Optional[float] = None) -> np.ndarray:
+  """Convenience: load (mono, 16 kHz, segment) and featurise, float16 [128, T]."""
+  wav, _ = load_audio(path, start=start, end=end)
+  return mel_features(wav)
