@@ -1,0 +1,136 @@
+"""The Bagpiper model: Qwen3 decoder with 8-stream codec I/O, frozen Qwen3-Omni audio tower, adapter.
+
+    rows = sum_n embed_tokens(input_ids[..., n])        (id 0 contributes nothing in streams 1..7)
+    rows[audio_rows >= 0] = adapter(audio_encoder(mel))  (continuous user audio)
+    h = norm(decoder(rows))                              (packed: per-document causal attention)
+    logits_n = lm_head(h + stream_emb[n])                (stream_emb[0] held at zero)
+
+`__call__` returns the loss (chunked, see loss.py); `logits` returns all logits (tests only).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from bagpiper_jax import batch as batch_lib
+from bagpiper_jax.model import layers, loss as loss_lib
+from bagpiper_jax.model.config import ModelConfig
+
+
+class LMHead(nn.Module):
+  """Untied output projection [E, V] (no bias). The loss reads `kernel` directly (see loss.py)."""
+
+  features_in: int
+  features_out: int
+  kernel_init: nn.initializers.Initializer
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  def setup(self):
+    self.kernel = self.param("kernel", self.kernel_init, (self.features_in, self.features_out),
+                             self.param_dtype)
+
+  def __call__(self, x):
+    return jnp.einsum("...e,ev->...v", x, self.kernel.astype(self.dtype))
+
+
+class Bagpiper(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    dt, pdt = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
+    init = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
+    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt,
+                                 embedding_init=init(("vocab", "embed")))
+    self.layers = layers.scanned_decoder_layers(cfg)(cfg)
+    self.norm = layers.RMSNorm(cfg.rms_norm_eps, dt, pdt)
+    self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, init(("embed", "vocab")), dt, pdt)
+    self.stream_emb = nn.Embed(
+        cfg.num_streams, cfg.hidden_size, dtype=dt, param_dtype=pdt,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.zeros, ("streams", "embed")))
+    self.adapter = nn.Dense(cfg.hidden_size, dtype=dt, param_dtype=pdt,
+                            kernel_init=init(("audio_embed", "embed")),
+                            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+    from bagpiper_jax.model.audio_encoder import AudioEncoder  # pylint: disable=g-import-not-at-top
+    self.audio_encoder = AudioEncoder(cfg.audio_encoder, dtype=dt, param_dtype=pdt,
+                                      remat_policy=cfg.remat_policy)
+
+  # ---- pieces ----
+
+  def embed_rows(self, input_ids):
+    """Sum of the per-stream embeddings; pad id 0 is zeroed in streams 1..7."""
+    x = self.embed_tokens(input_ids[..., 0])
+    for n in range(1, self.cfg.num_streams):
+      ids = input_ids[..., n]
+      x = x + jnp.where((ids != 0)[..., None], self.embed_tokens(ids), 0).astype(x.dtype)
+    return x
+
+  def audio_rows(self, batch, x):
+    """Overwrites continuous-audio rows with adapter(encoder(mel)). The encoder is frozen."""
+    mel, lens, rows = batch["audio_mel"], batch["audio_chunk_lens"], batch["audio_rows"]
+    b, w = mel.shape[:2]
+    frames, _ = self.audio_encoder(mel.reshape(b * w, *mel.shape[2:]), lens.reshape(b * w, -1))
+    frames = jax.lax.stop_gradient(frames).reshape(b, -1, frames.shape[-1])
+    emb = self.adapter(frames)  # [B, W*C*13, E]
+    picked = jnp.take_along_axis(emb, jnp.maximum(rows, 0)[..., None], axis=1)
+    return jnp.where((rows >= 0)[..., None], picked.astype(x.dtype), x)
+
+  def hidden(self, batch):
+    """Final-norm hidden states [B, L, E]."""
+    batch_lib.validate_batch(batch, self.cfg)
+    x = self.embed_rows(batch["input_ids"])
+    if "audio_mel" in batch:
+      x = self.audio_rows(batch, x)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    mask = layers.packed_causal_mask(batch["segment_ids"])
+    x, _ = self.layers(x, batch["positions"], mask)
+    return self.norm(x)
+
+  def stream_table(self):
+    """stream_emb with row 0 held at zero: [S, E]."""
+    e = self.stream_emb.embedding
+    return e * (jnp.arange(self.cfg.num_streams) > 0)[:, None].astype(e.dtype)
+
+  # ---- entry points ----
+
+  def __call__(self, batch: Mapping[str, jax.Array]):
+    """Returns (loss, aux). aux: text_loss, audio_loss, stream_loss [S], num_target_tokens."""
+    cfg = self.cfg
+    h = self.hidden(batch)
+    kernel = self.lm_head.kernel
+    offsets = jnp.einsum("se,ev->sv", self.stream_table().astype(jnp.float32),
+                         kernel.astype(jnp.float32))
+    targets, weights = loss_lib.shift_targets(batch["input_ids"], batch["loss_weights"], batch["segment_ids"])
+    sums = loss_lib.multistream_loss_sums(h, kernel, offsets, targets, weights, cfg)
+    return loss_lib.finalize_loss(sums, cfg)
+
+  def logits(self, batch):
+    """All logits [B, L, S, V] straight from the definition (small inputs only)."""
+    h = self.hidden(batch)
+    rows = h[:, :, None, :] + self.stream_table().astype(h.dtype)
+    return self.lm_head(rows).astype(jnp.float32)
+
+
+def dummy_batch(cfg: ModelConfig, batch_size: int, seq_len: int, audio_windows: int = 0,
+                mel_dtype=np.float32) -> dict:
+  """A zero batch with the contract's shapes (for init, eval_shape and AOT compilation)."""
+  s = cfg.num_streams
+  enc = cfg.audio_encoder
+  b = {
+      "input_ids": np.zeros((batch_size, seq_len, s), np.int32),
+      "loss_weights": np.zeros((batch_size, seq_len, s), np.float32),
+      "segment_ids": np.ones((batch_size, seq_len), np.int32),
+      "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
+  }
+  if audio_windows:
+    b["audio_mel"] = np.zeros((batch_size, audio_windows, enc.chunks_per_window, enc.num_mel_bins,
+                               enc.chunk_frames), mel_dtype)
+    b["audio_chunk_lens"] = np.zeros((batch_size, audio_windows, enc.chunks_per_window), np.int32)
+    b["audio_rows"] = np.full((batch_size, seq_len), -1, np.int32)
+  return b

@@ -1,0 +1,160 @@
+"""Qwen3 decoder building blocks in Flax Linen: RMSNorm, RoPE, GQA attention with QK-norm, SwiGLU.
+
+Parameters carry logical axis names; activations are annotated with `nn.with_logical_constraint`.
+The mapping of names onto a mesh lives in `bagpiper_jax/sharding.py`, never here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from bagpiper_jax.model.config import ModelConfig
+
+Dtype = jnp.dtype
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+class RMSNorm(nn.Module):
+  """y = scale * x / sqrt(mean(x^2) + eps), computed in float32 (as Qwen3RMSNorm)."""
+
+  eps: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (scale.astype(self.dtype) * y.astype(self.dtype)).astype(self.dtype)
+
+
+def rope(x, positions, theta: float):
+  """Rotary embedding, half-split layout (as HF `rotate_half`). x: [B, L, H, D]; positions: [B, L]."""
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, D/2]
+  cos = jnp.cos(freqs)[:, :, None, :]
+  sin = jnp.sin(freqs)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def packed_causal_mask(segment_ids):
+  """[B, 1, L, L] bool: causal within a document (same segment id); padding (0) sees padding."""
+  l = segment_ids.shape[-1]
+  causal = jnp.tril(jnp.ones((l, l), dtype=jnp.bool_))
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (causal[None] & same)[:, None]
+
+
+def _dense_init(cfg: ModelConfig, axes):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask):
+    cfg = self.cfg
+    dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    proj = functools.partial(nn.DenseGeneral, use_bias=False, dtype=dt, param_dtype=pdt)
+    q = proj((cfg.num_heads, cfg.head_dim), kernel_init=_dense_init(cfg, ("embed", "heads", "head_dim")),
+             name="q_proj")(x)
+    k = proj((cfg.num_kv_heads, cfg.head_dim), kernel_init=_dense_init(cfg, ("embed", "kv_heads", "head_dim")),
+             name="k_proj")(x)
+    v = proj((cfg.num_kv_heads, cfg.head_dim), kernel_init=_dense_init(cfg, ("embed", "kv_heads", "head_dim")),
+             name="v_proj")(x)
+    q = RMSNorm(cfg.rms_norm_eps, dt, pdt, axis_name="head_dim", name="q_norm")(q)
+    k = RMSNorm(cfg.rms_norm_eps, dt, pdt, axis_name="head_dim", name="k_norm")(k)
+    q = rope(q, positions, cfg.rope_theta)
+    k = rope(k, positions, cfg.rope_theta)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+    k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+    v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+    # GQA: group the query heads that share a KV head, [B, L, K, G, D].
+    b, l, _, d = q.shape
+    g = cfg.num_heads // cfg.num_kv_heads
+    qg = q.reshape(b, l, cfg.num_kv_heads, g, d)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, l, cfg.num_heads, d)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+    return proj(cfg.hidden_size, axis=(-2, -1), kernel_init=_dense_init(cfg, ("heads", "head_dim", "embed")),
+                name="o_proj")(out)
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=dt, param_dtype=pdt)
+    gate = dense(cfg.intermediate_size, kernel_init=_dense_init(cfg, ("embed", "mlp")), name="gate_proj")(x)
+    up = dense(cfg.intermediate_size, kernel_init=_dense_init(cfg, ("embed", "mlp")), name="up_proj")(x)
+    h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return dense(cfg.hidden_size, kernel_init=_dense_init(cfg, ("mlp", "embed")), name="down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm Qwen3 block. Signature (carry, broadcast...) -> (carry, None) for nn.scan."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask):
+    cfg = self.cfg
+    dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
+    x = x + Attention(cfg, name="self_attn")(h, positions, mask)
+    h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
+    x = x + MLP(cfg, name="mlp")(h)
+    return x, None
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def remat_policy(name: str):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown model.remat_policy {name!r}; expected one of {sorted(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]
+
+
+def scanned_decoder_layers(cfg: ModelConfig):
+  """DecoderLayer stacked on a leading 'layers' axis and run with nn.scan (compile time flat in depth).
+
+  Instantiate as `scanned_decoder_layers(cfg)(cfg, name="layers")`; call `(x, positions, mask)`.
+  """
+  layer = DecoderLayer
+  if cfg.remat_policy != "none":
+    layer = nn.remat(layer, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
+  return nn.scan(
+      layer,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast, nn.broadcast),
+      length=cfg.num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )

@@ -1,0 +1,233 @@
+"""The decoder and multi-stream head against executable references (transformers Qwen3, the SPEC loss)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import linen as nn
+
+from bagpiper_jax.convert import rules
+from bagpiper_jax.model import Bagpiper, ModelConfig, dummy_batch
+from bagpiper_jax.model import config as config_lib
+from conftest import hf_qwen3, tiny_model_config
+
+
+def _text_batch(ids, segment_ids=None, positions=None):
+  b, l = ids.shape
+  x = np.zeros((b, l, 8), np.int32)
+  x[..., 0] = ids
+  seg = np.ones((b, l), np.int32) if segment_ids is None else segment_ids
+  pos = np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy() if positions is None else positions
+  return {"input_ids": x, "loss_weights": np.zeros((b, l, 8), np.float32), "segment_ids": seg,
+          "positions": pos}
+
+
+def _init(cfg, batch, seed=0):
+  return nn.meta.unbox(Bagpiper(cfg).init(jax.random.PRNGKey(seed), batch)["params"])
+
+
+def _merge(params, new):
+  out = dict(params)
+  for k, v in new.items():
+    out[k] = _merge(params[k], v) if isinstance(v, dict) else jnp.asarray(v)
+  return out
+
+
+def _randomize(params, seed=1, std=0.2):
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(tree, [x + std * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def test_text_logits_match_transformers_qwen3():
+  cfg = tiny_model_config()
+  hf = hf_qwen3(cfg, seed=3)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(cfg.num_specials, cfg.codec_start, size=(2, 13)).astype(np.int32)
+  batch = _text_batch(ids)
+  params = _init(cfg, batch)
+  state = {k: v.numpy() for k, v in hf.state_dict().items()}
+  params = _merge(params, rules.from_torch_tensors(state.__getitem__, rules.decoder_rules(cfg)))
+  # Random stream_emb: stream 0 must still equal plain Qwen3 (row 0 is held at zero).
+  params["stream_emb"]["embedding"] = jax.random.normal(jax.random.PRNGKey(5), (8, cfg.hidden_size))
+  ours = Bagpiper(cfg).apply({"params": params}, batch, method=Bagpiper.logits)
+  with torch.no_grad():
+    ref = hf(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+  diff = np.abs(np.asarray(ours[:, :, 0]) - ref).max()
+  assert diff < 1e-4, diff
+  # And streams n>0 are lm_head(h + stream_emb[n]), not stream 0's logits.
+  assert np.abs(np.asarray(ours[:, :, 3]) - ref).max() > 1e-2
+
+
+def test_packed_documents_equal_separate_documents():
+  cfg = tiny_model_config()
+  rng = np.random.default_rng(1)
+  a = rng.integers(cfg.num_specials, cfg.codec_start, size=7)
+  b = rng.integers(cfg.num_specials, cfg.codec_start, size=9)
+  row = np.concatenate([a, b, np.zeros(4, np.int64)])[None].astype(np.int32)
+  seg = np.array([[1] * 7 + [2] * 9 + [0] * 4], np.int32)
+  pos = np.array([list(range(7)) + list(range(9)) + [0] * 4], np.int32)
+  packed = _text_batch(row, seg, pos)
+  params = _randomize(_init(cfg, packed))
+  model = Bagpiper(cfg)
+  out = np.asarray(model.apply({"params": params}, packed, method=Bagpiper.logits))
+  out_a = np.asarray(model.apply({"params": params}, _text_batch(a[None].astype(np.int32)),
+                                 method=Bagpiper.logits))
+  out_b = np.asarray(model.apply({"params": params}, _text_batch(b[None].astype(np.int32)),
+                                 method=Bagpiper.logits))
+  np.testing.assert_allclose(out[0, :7], out_a[0], atol=1e-5)
+  np.testing.assert_allclose(out[0, 7:16], out_b[0], atol=1e-5)
+
+
+def _mixed_batch(cfg: ModelConfig):
+  """One row per SPEC: text rows, a continuous-audio span, a delayed codec span; then a 2nd document."""
+  enc = cfg.audio_encoder
+  rows, weights, audio_rows = [], [], []
+  text = lambda i, w=0.0: (rows.append([i] + [0] * 7), weights.append([w] + [0.0] * 7), audio_rows.append(-1))
+  # Document 1: <bos> <user> <audio> [13 + 5 audio rows] <eos> <assistant> <audio> codec(T=3) <eos>
+  text(config_lib.BOS)
+  text(config_lib.USER)
+  text(config_lib.AUDIO)
+  n_audio = config_lib.encoder_output_length(140)  # one full chunk (13) + a 40-frame chunk (5)
+  assert n_audio == 18
+  for j in range(n_audio):
+    rows.append([0] * 8)
+    weights.append([0.0] * 8)
+    audio_rows.append(j)
+  text(config_lib.EOS)
+  text(config_lib.ASSISTANT, 1.0)
+  text(config_lib.AUDIO, 1.0)
+  codes = np.array([[3, 1, 4, 1, 5, 9, 2, 6], [5, 3, 5, 8, 9, 7, 9, 3], [2, 3, 8, 4, 6, 2, 6, 4]])
+  t = codes.shape[0]
+  for r in range(t + 7):
+    row = []
+    for n in range(8):
+      f = r - n
+      row.append(cfg.codec_id(n, codes[f, n] % cfg.codebook_size) if 0 <= f < t else cfg.codec_pad_id(n))
+    rows.append(row)
+    weights.append([0.125] * 8)
+    audio_rows.append(-1)
+  text(config_lib.EOS, 1.0)
+  doc1 = len(rows)
+  # Document 2: text only, assistant text.
+  for i, w in [(config_lib.BOS, 0.0), (config_lib.ASSISTANT, 1.0), (config_lib.TEXT, 1.0), (300, 1.0),
+               (301, 1.0), (config_lib.EOS, 1.0)]:
+    text(i, w)
+  doc2 = len(rows) - doc1
+  pad = 3
+  for _ in range(pad):
+    text(0)
+  l = len(rows)
+  mel = np.zeros((1, 1, enc.chunks_per_window, enc.num_mel_bins, enc.chunk_frames), np.float32)
+  mel[0, 0, 0] = np.random.default_rng(2).normal(size=(enc.num_mel_bins, enc.chunk_frames))
+  mel[0, 0, 1, :, :40] = np.random.default_rng(3).normal(size=(enc.num_mel_bins, 40))
+  lens = np.zeros((1, 1, enc.chunks_per_window), np.int32)
+  lens[0, 0, :2] = [100, 40]
+  return {
+      "input_ids": np.array([rows], np.int32),
+      "loss_weights": np.array([weights], np.float32),
+      "segment_ids": np.array([[1] * doc1 + [2] * doc2 + [0] * pad], np.int32),
+      "positions": np.array([list(range(doc1)) + list(range(doc2)) + [0] * pad], np.int32),
+      "audio_mel": mel, "audio_chunk_lens": lens, "audio_rows": np.array([audio_rows], np.int32),
+  }
+
+
+def _reference_loss(logits, batch, cfg):
+  """SPEC.md loss from full logits, in float64 numpy."""
+  logits = np.asarray(logits, np.float64)[0]
+  ids, w, seg = batch["input_ids"][0], batch["loss_weights"][0], batch["segment_ids"][0]
+  total, count = 0.0, 0
+  for t in range(ids.shape[0] - 1):
+    if seg[t + 1] == 0 or seg[t + 1] != seg[t]:
+      continue
+    count += int(w[t + 1, 0] > 0)
+    for n in range(8):
+      if w[t + 1, n] == 0:
+        continue
+      lo = 0 if n == 0 else cfg.codec_start
+      z = logits[t, n, lo:]
+      lse = np.log(np.exp(z - z.max()).sum()) + z.max()
+      total += w[t + 1, n] * (lse - logits[t, n, ids[t + 1, n]])
+  return total / count
+
+
+@pytest.mark.parametrize("chunk", [8, 7, 1000])
+def test_multistream_loss_equals_hand_computed(chunk):
+  cfg = dataclasses.replace(tiny_model_config(), loss_chunk_size=chunk)
+  batch = _mixed_batch(cfg)
+  params = _randomize(_init(cfg, batch), std=0.1)
+  model = Bagpiper(cfg)
+  loss, aux = model.apply({"params": params}, batch)
+  logits = model.apply({"params": params}, batch, method=Bagpiper.logits)
+  expect = _reference_loss(logits, batch, cfg)
+  assert abs(float(loss) - expect) < 1e-5 * max(1.0, abs(expect)), (float(loss), expect)
+  # 1 (doc1 closing) + 2 (<assistant> <audio>) + 10 codec rows + 5 (doc2) weighted stream-0 positions.
+  assert float(aux["num_target_tokens"]) == 2 + 10 + 1 + 5
+
+
+def test_audio_rows_change_the_output_and_encoder_gets_no_gradient():
+  cfg = tiny_model_config()
+  batch = _mixed_batch(cfg)
+  params = _randomize(_init(cfg, batch), std=0.1)
+  model = Bagpiper(cfg)
+  other = dict(batch, audio_mel=batch["audio_mel"] * 2.0)
+  l1, _ = model.apply({"params": params}, batch)
+  l2, _ = model.apply({"params": params}, other)
+  assert abs(float(l1) - float(l2)) > 1e-6
+  grads = jax.grad(lambda p: model.apply({"params": p}, batch)[0])(params)
+  enc_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["audio_encoder"]))
+  assert enc_norm == 0.0
+  assert float(jnp.abs(grads["adapter"]["kernel"]).sum()) > 0
+  # stream_emb row 0 is held at zero: no gradient reaches it.
+  assert float(jnp.abs(grads["stream_emb"]["embedding"][0]).sum()) == 0.0
+  assert float(jnp.abs(grads["stream_emb"]["embedding"][1:]).sum()) > 0
+
+
+def test_bad_input_raises_clear_errors(tiny_cfg):
+  model = Bagpiper(tiny_cfg)
+  good = _mixed_batch(tiny_cfg)
+  params = _init(tiny_cfg, good)
+  call = lambda b: model.apply({"params": params}, b)
+  with pytest.raises(ValueError, match=r"input_ids must be \[B, L, 8\]"):
+    call(dict(good, input_ids=good["input_ids"][..., 0]))
+  bad = dict(good, input_ids=good["input_ids"].copy())
+  bad["input_ids"][0, 5, 2] = tiny_cfg.vocab_size + 7
+  with pytest.raises(ValueError, match=r"out of the vocabulary.*row 5, stream 2"):
+    call(bad)
+  with pytest.raises(ValueError, match="audio span mismatch"):
+    lens = good["audio_chunk_lens"].copy()
+    lens[0, 0, 1] = 60  # 8 encoder frames, but the row has 5 placeholder rows for that chunk
+    call(dict(good, audio_chunk_lens=lens))
+  with pytest.raises(ValueError, match="segment_ids must have shape"):
+    call(dict(good, segment_ids=good["segment_ids"][:, :-1]))
+  with pytest.raises(ValueError, match="audio keys must come together"):
+    call({k: v for k, v in good.items() if k != "audio_rows"})
+
+
+def test_8b_trainable_parameter_count():
+  cfg = ModelConfig()
+  shapes = jax.eval_shape(lambda: Bagpiper(cfg).init(jax.random.PRNGKey(0), dummy_batch(cfg, 1, 16, 1)))
+  params = nn.meta.unbox(shapes["params"])
+  count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+  trainable = count({k: v for k, v in params.items() if k != "audio_encoder"})
+  assert abs(trainable - 8.268e9) < 1e6, trainable
+  assert params["embed_tokens"]["embedding"].shape == (160392, 4096)
+  assert params["layers"]["self_attn"]["q_proj"]["kernel"].shape == (36, 4096, 32, 128)
+  # The Qwen3-Omni audio tower is about 0.65B parameters, all frozen.
+  assert 0.6e9 < count(params["audio_encoder"]) < 0.7e9
+
+
+def test_compile_size_does_not_grow_with_depth():
+  sizes = []
+  for n in (2, 8):
+    cfg = tiny_model_config(num_layers=n, remat_policy="nothing_saveable")
+    batch = _text_batch(np.full((1, 16), 300, np.int32))
+    params = jax.eval_shape(lambda: _init(cfg, batch))
+    fn = jax.jit(jax.grad(lambda p, b: Bagpiper(cfg).apply({"params": p}, b)[0]))
+    sizes.append(len(fn.lower(params, batch).as_text()))
+  assert sizes[1] < 1.05 * sizes[0], sizes
