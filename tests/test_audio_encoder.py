@@ -189,6 +189,18 @@ def test_params_carry_logical_axis_names():
       assert leaf.names[0] == "enc_layers" and leaf.value.shape[0] == CFG.num_layers, (name, leaf.names)
   names = {n for _, leaf in leaves for n in leaf.names}
   assert {"enc_layers", "enc_embed", "enc_heads", "enc_mlp", "audio_embed", "norm"} <= names
+  # Under the project's logical->mesh rules no param may use one mesh axis twice (an error at shard time).
+  try:
+    from bagpiper_jax import sharding  # pylint: disable=g-import-not-at-top
+    mesh_of = dict(sharding.LOGICAL_RULES)
+  except (ImportError, AttributeError) as e:
+    pytest.skip(f"bagpiper_jax.sharding.LOGICAL_RULES unavailable: {e}")
+  for path, leaf in leaves:
+    unknown = [n for n in leaf.names if n is not None and n not in mesh_of]
+    assert not unknown, (jax.tree_util.keystr(path), unknown)
+    axes = [mesh_of[n] for n in leaf.names if n is not None and mesh_of[n] is not None]
+    flat = [a for ax in axes for a in (ax if isinstance(ax, tuple) else (ax,))]
+    assert len(flat) == len(set(flat)), (jax.tree_util.keystr(path), leaf.names, axes)
 
 
 def test_bf16_and_remat_smoke(params):

@@ -260,7 +260,7 @@ class AudioEncoder(nn.Module):
     x = nn.Dense(cfg.d_model, dtype=dt, param_dtype=pdt, kernel_init=_init(("enc_embed", "enc_mlp")),
                  bias_init=_zeros(("enc_mlp",)), name="proj1")(x)
     x = activation(cfg.activation)(x)
-    x = nn.Dense(cfg.output_dim, dtype=dt, param_dtype=pdt, kernel_init=_init(("enc_mlp", "audio_embed")),
+    x = nn.Dense(cfg.output_dim, dtype=dt, param_dtype=pdt, kernel_init=_init(("enc_embed", "audio_embed")),
                  bias_init=_zeros(("audio_embed",)), name="proj2")(x)
     x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
     return x, valid
