@@ -1,0 +1,301 @@
+"""The Grain input pipeline of training and eval: ArrayRecord shards -> packed batches.
+
+Train (`make_train_iterator`), per source in config.data.train_sources:
+
+  ArrayRecord shards (glob, or a directory of *.array_record*)
+    -> global shuffle (seed = config.data.shuffle_seed folded with the source name; reshuffled
+       every epoch by Grain's epoch-aware index shuffle) -> repeat forever
+    -> this host's share: elements process_index, process_index + process_count, ... of that
+       stream, so hosts read disjoint records and together cover each epoch exactly once
+    -> decode + template (bagpiper_jax.data.template) at load time
+  then: weighted mixture of the sources (Grain's deterministic proportional interleave)
+    -> drop + count documents over the row budgets -> best-fit packing -> batches of
+       host_batch_size(config) rows -> optional multiprocess prefetch (config.data.num_workers).
+
+Eval (`make_eval_iterator`): the sources of config.data.eval_sources concatenated in sorted name
+order, each in record order, host-sharded the same way, no shuffle, no mixing weights, finite.
+
+Mixture weights are SPEC.md *sampling factors* by default (config.data.mixture_weighting =
+"factor"): a source's share of the documents is weight x its record count, so weight 3.15 means
+"sample each music_und record 3.15 times as often as a weight-1 record". Set "proportion" to make
+the weights the documents' shares directly.
+
+The iterators are Grain DatasetIterators: `get_state()` returns a JSON-serialisable dict and
+`set_state()` restores it, also in a fresh process (same config, host count and num_workers).
+`pipeline_stats(it)` reads the drop/pack counters out of that state.
+
+Optional config.data keys (read with defaults; see the module constants): host_batch (0 = per
+device batch x local devices), packing_bins, read_threads, read_buffer, mixture_weighting.
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob as glob_lib
+import os
+import zlib
+from typing import Any, Mapping
+
+import grain
+import numpy as np
+
+from bagpiper_jax.data import packing
+from bagpiper_jax.data import records
+from bagpiper_jax.data import template
+from bagpiper_jax.model.config import ModelConfig
+
+DEFAULT_PACKING_BINS = 32  # best-fit pool; >=98% fill on the pretraining length mix
+DEFAULT_READ_THREADS = 4
+DEFAULT_READ_BUFFER = 64  # templated documents in flight (audio ones hold ~0.5 MB of mel each)
+MIXTURE_WEIGHTINGS = ("factor", "proportion")
+TEMPLATES = ("pretrain", "sft")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config helpers.
+
+
+def _get(cfg_section, key: str, default):
+  try:
+    v = cfg_section.get(key, default)
+  except AttributeError:
+    v = getattr(cfg_section, key, default)
+  return default if v is None else v
+
+
+def _model_cfg(model_cfg) -> ModelConfig:
+  return model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(model_cfg)
+
+
+def host_batch_size(config) -> int:
+  """Rows per host batch: config.data.host_batch if set, else per_device_batch x local devices."""
+  hb = int(_get(config.data, "host_batch", 0))
+  if hb > 0:
+    return hb
+  import jax  # pylint: disable=g-import-not-at-top  (keeps worker processes free of jax)
+  return int(config.data.per_device_batch) * jax.local_device_count()
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+  return int(process_index), int(process_count)
+
+
+def _source_specs(sources, key: str) -> dict[str, dict[str, Any]]:
+  """{name: {path, weight}} from the config, validated; names sorted for a stable order."""
+  if not sources:
+    raise ValueError(f"config.data.{key} is empty: give {{name: dict(path=<glob or dir>, weight=<float>)}}"
+                     " (or set config.data.demo to generate the demo data)")
+  out = {}
+  for name in sorted(sources):
+    spec = sources[name]
+    path = _get(spec, "path", None) if not isinstance(spec, str) else spec
+    if not path:
+      raise ValueError(f"config.data.{key}[{name!r}] has no 'path'")
+    weight = float(_get(spec, "weight", 1.0)) if not isinstance(spec, str) else 1.0
+    if weight < 0:
+      raise ValueError(f"config.data.{key}[{name!r}].weight must be >= 0, got {weight}")
+    out[name] = {"path": str(path), "weight": weight}
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources.
+
+
+def shard_paths(name: str, pattern: str) -> list[str]:
+  """Sorted shard files of one source: a glob, a directory (its *.array_record* files) or a file."""
+  is_remote = "://" in pattern
+  if is_remote:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    p = epath.Path(pattern)
+    if p.is_dir():
+      files = sorted(str(f) for f in p.glob("*.array_record*"))
+    else:
+      files = sorted(str(f) for f in epath.Path(p.parent).glob(p.name))
+  elif os.path.isdir(pattern):
+    files = sorted(glob_lib.glob(os.path.join(pattern, "*.array_record*")))
+  else:
+    files = sorted(glob_lib.glob(pattern))
+  if not files:
+    raise FileNotFoundError(f"source {name!r}: no ArrayRecord shards match {pattern!r}")
+  return files
+
+
+class ShardSource:
+  """Random access over the shards of one source; records come back with their global key.
+
+  The key lets `describe` name the shard file and the record index inside it in errors.
+  """
+
+  def __init__(self, name: str, paths: list[str]):
+    from grain.sources import ArrayRecordDataSource  # pylint: disable=g-import-not-at-top
+    self.name = name
+    self.paths = list(paths)
+    self._ds = ArrayRecordDataSource(self.paths)
+    # Per-shard record counts (ArrayRecordDataSource already read them while opening).
+    counts = [ri.num_records for ri in self._ds._read_instructions]  # pylint: disable=protected-access
+    self._ends = list(np.cumsum(counts))
+    self._len = len(self._ds)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def describe(self, key: int) -> str:
+    i = bisect.bisect_right(self._ends, key)
+    start = self._ends[i - 1] if i else 0
+    return f"source {self.name!r}, shard {self.paths[i]}, record {key - start}"
+
+  def __getitem__(self, key: int) -> tuple[bytes, int]:
+    key = int(key)
+    try:
+      return self._ds[key], key
+    except Exception as e:  # array_record raises generic errors; name the shard.
+      raise OSError(f"{self.describe(key)}: cannot read ({type(e).__name__}: {e})") from e
+
+  def __repr__(self) -> str:
+    return f"ShardSource({self.name!r}, {len(self.paths)} shards, {self._len} records)"
+
+
+class Templater:
+  """(record bytes, key) -> templated example; errors name the shard file and record index."""
+
+  def __init__(self, source: ShardSource, cfg: ModelConfig):
+    self._source = source
+    self._cfg = cfg
+
+  def __call__(self, item: tuple[bytes, int]) -> dict[str, Any]:
+    data, key = item
+    try:
+      ex = records.decode(data, where="record")
+      out = template.template_example(ex, self._cfg, where="record")
+    except Exception as e:
+      raise ValueError(f"{self._source.describe(key)}: {e}") from e
+    out["source"] = self._source.name
+    return out
+
+
+def _seed(base: int, name: str) -> int:
+  return (int(base) * 1_000_003 + zlib.crc32(name.encode())) % 2**32
+
+
+def host_stream(source: ShardSource, cfg: ModelConfig, *, seed: int | None, process_index: int,
+                process_count: int) -> grain.MapDataset:
+  """This host's templated stream of one source: shuffled + repeated (seed given) or one pass."""
+  ds = grain.MapDataset.source(source)
+  if seed is not None:
+    ds = ds.shuffle(seed=seed).repeat()
+  return ds[process_index::process_count].map(Templater(source, cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Iterators.
+
+
+def _finish(ds: grain.IterDataset, config, cfg: ModelConfig, *, batch: int, seed: int, train: bool,
+            num_batches: int | None = None):
+  seq_len = int(config.data.seq_len)
+  max_windows = int(config.data.max_audio_windows)
+  ds = packing.BudgetFilterIterDataset(ds, seq_len=seq_len, max_windows=max_windows)
+  ds = packing.pack(ds, seq_len=seq_len, max_windows=max_windows,
+                    num_bins=max(int(_get(config.data, "packing_bins", 0)) or DEFAULT_PACKING_BINS, batch),
+                    seed=seed, shuffle_bins=train)
+  assembler = packing.BatchAssembler(cfg, batch_size=batch, seq_len=seq_len, max_windows=max_windows)
+  ds = ds.batch(batch, drop_remainder=False, batch_fn=assembler)
+  ds = packing.CountingIterDataset(ds)
+  if num_batches is not None:
+    ds = packing.FixedCountIterDataset(ds, num=int(num_batches), filler=assembler.empty)
+  workers = int(_get(config.data, "num_workers", 0))
+  if workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+  return ds.__iter__()
+
+
+def _read_options(config) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=int(_get(config.data, "read_threads", DEFAULT_READ_THREADS)),
+                           prefetch_buffer_size=int(_get(config.data, "read_buffer", DEFAULT_READ_BUFFER)))
+
+
+def _check_template(config) -> None:
+  t = _get(config.data, "template", "pretrain")
+  if t not in TEMPLATES:  # both use the SPEC.md format; the record decides the messages.
+    raise ValueError(f"config.data.template {t!r} not in {TEMPLATES}")
+
+
+def make_train_iterator(config, model_cfg, *, process_index: int | None = None,
+                        process_count: int | None = None):
+  """Infinite iterator of host batches (dicts of numpy arrays, bagpiper_jax/batch.py contract).
+
+  Args:
+    config: the ml_collections config (uses config.data.*).
+    model_cfg: ModelConfig (or its dict) giving the vocabulary layout and encoder chunking.
+    process_index / process_count: this host's JAX process; default jax.process_index/count().
+
+  Returns:
+    a grain DatasetIterator; get_state() -> JSON-serialisable dict, set_state(state) restores.
+  """
+  _check_template(config)
+  cfg = _model_cfg(model_cfg)
+  pi, pc = _process(process_index, process_count)
+  specs = _source_specs(config.data.train_sources, "train_sources")
+  base_seed = int(_get(config.data, "shuffle_seed", 0))
+  weighting = _get(config.data, "mixture_weighting", "factor")
+  if weighting not in MIXTURE_WEIGHTINGS:
+    raise ValueError(f"config.data.mixture_weighting {weighting!r} not in {MIXTURE_WEIGHTINGS}")
+  streams, weights = [], []
+  for name, spec in specs.items():
+    if spec["weight"] == 0:
+      continue  # an explicitly disabled source
+    src = ShardSource(name, shard_paths(name, spec["path"]))
+    if len(src) < pc:
+      raise ValueError(f"source {name!r} has {len(src)} records, fewer than the {pc} hosts")
+    streams.append(host_stream(src, cfg, seed=_seed(base_seed, name), process_index=pi, process_count=pc))
+    weights.append(spec["weight"] * (len(src) if weighting == "factor" else 1.0))
+  if not streams:
+    raise ValueError("config.data.train_sources: every source has weight 0")
+  total = sum(weights)
+  ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, [w / total for w in weights])
+  ds = ds.to_iter_dataset(_read_options(config))
+  return _finish(ds, config, cfg, batch=host_batch_size(config), seed=_seed(base_seed, "packing"),
+                 train=True)
+
+
+def make_eval_iterator(config, model_cfg, *, process_index: int | None = None,
+                       process_count: int | None = None, num_batches: int | None = None):
+  """Finite, deterministic iterator over config.data.eval_sources (one pass, no shuffle).
+
+  With num_batches set it yields exactly that many batches, all-padding ones after the data runs
+  out, so every host runs the same number of eval steps (hosts' shares can pack into different
+  numbers of batches). Weights in eval_sources are ignored.
+  """
+  _check_template(config)
+  cfg = _model_cfg(model_cfg)
+  pi, pc = _process(process_index, process_count)
+  specs = _source_specs(config.data.eval_sources, "eval_sources")
+  parts = [host_stream(ShardSource(name, shard_paths(name, spec["path"])), cfg, seed=None,
+                       process_index=pi, process_count=pc)
+           for name, spec in specs.items()]
+  ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+  ds = ds.to_iter_dataset(_read_options(config))
+  return _finish(ds, config, cfg, batch=host_batch_size(config), seed=0, train=False,
+                 num_batches=num_batches)
+
+
+def pipeline_stats(iterator) -> dict[str, Any]:
+  """Drop / packing counters of an iterator made here (summed over prefetch workers).
+
+  Keys: docs_read, docs_dropped_too_long, docs_dropped_audio_windows, tokens_dropped,
+  docs_accepted, tokens_accepted, docs_by_source (as of the start of the current packing round);
+  batches, rows, rows_padding, tokens (packed tokens emitted), cells, fill (= tokens / cells).
+  """
+  s = packing.collect_stats(iterator.get_state())
+  s.setdefault("docs_by_source", {})
+  cells = s.get("cells", 0)
+  s["fill"] = s.get("tokens", 0) / cells if cells else 0.0
+  s["docs_dropped"] = s.get("docs_dropped_too_long", 0) + s.get("docs_dropped_audio_windows", 0)
+  return s
