@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -50,12 +51,15 @@ def load_audio(path: str, *, start: Optional[float] = None, end: Optional[float]
   try:
     info = sf.info(path)
     orig_sr, duration = int(info.samplerate), float(info.frames) / float(info.samplerate)
-  except Exception:  # soundfile cannot parse it; librosa may still (audioread), else it is corrupt.
+  except Exception as sf_err:  # soundfile cannot parse it; audioread may (mp3/m4a), else it is corrupt.
     try:
-      orig_sr = int(librosa.get_samplerate(path))
-      duration = float(librosa.get_duration(path=path))
+      with warnings.catch_warnings():  # librosa's "PySoundFile failed, trying audioread" noise
+        warnings.simplefilter("ignore")
+        orig_sr = int(librosa.get_samplerate(path))
+        duration = float(librosa.get_duration(path=path))
     except Exception as e:
-      raise AudioError(f"{path}: unreadable audio ({type(e).__name__}: {e})") from e
+      raise AudioError(f"{path}: unreadable audio (soundfile: {sf_err}; audioread: "
+                       f"{type(e).__name__} {e})".rstrip()) from e
   start = float(start or 0.0)
   if start < 0 or start >= duration:
     raise AudioError(f"{path}: segment start {start:.3f}s outside the audio (duration {duration:.3f}s)")
@@ -66,8 +70,10 @@ def load_audio(path: str, *, start: Optional[float] = None, end: Optional[float]
     if end > duration + 0.05:  # 50 ms of slack for rounding in manifests
       raise AudioError(f"{path}: segment end {end:.3f}s beyond the audio (duration {duration:.3f}s)")
   try:
-    wav, _ = librosa.load(path, sr=sample_rate, mono=True, offset=start,
-                          duration=None if end is None else end - start, dtype=np.float32)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      wav, _ = librosa.load(path, sr=sample_rate, mono=True, offset=start,
+                            duration=None if end is None else end - start, dtype=np.float32)
   except Exception as e:
     raise AudioError(f"{path}: unreadable audio ({type(e).__name__}: {e})") from e
   if wav.size == 0:

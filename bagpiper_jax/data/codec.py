@@ -1,0 +1,226 @@
+"""Assistant-audio tokenisation: 16 kHz waveform -> X-Codec codes int16 [T, 8] (50 Hz, 0..1023).
+
+One interface, `CodecBackend`, with two ways to get codes:
+
+  XcodecBackend(local_dir)   runs `transformers.XcodecModel` loaded from a LOCAL directory (the
+                             real `xcodec-hubert-general` once downloaded by hand, or the tiny
+                             random model of `build_tiny_xcodec` in tests and the demo). torch, CPU
+                             or CUDA; one clip at a time (clips differ in length).
+  NpyCodesBackend(dir=None)  reads codes precomputed elsewhere (e.g. on GPUs) from `<stem>.npy`
+                             next to the audio file, or in `dir`.
+
+Writers call `encode_file(path, start, end)`; `encode(wav)` is the pure waveform entry point.
+Every result passes `check_codes`, so a wrong layout ([8, T]), a 4-codebook model or an
+out-of-range id fails here, naming the file, rather than as garbage ids at training time.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from typing import Optional
+
+import numpy as np
+
+NUM_CODEBOOKS = 8
+CODEBOOK_SIZE = 1024
+FRAME_RATE = 50  # 16 kHz / hop 320
+SAMPLE_RATE = 16_000
+
+
+class CodecError(ValueError):
+  """Codes that cannot be produced or are malformed; the message names the file."""
+
+
+def check_codes(codes: np.ndarray, where: str) -> np.ndarray:
+  """Validates [T, 8] ids in 0..1023 and returns them as int16."""
+  codes = np.asarray(codes)
+  if codes.ndim != 2 or codes.shape[1] != NUM_CODEBOOKS or codes.shape[0] == 0:
+    raise CodecError(f"{where}: codes must be [T>0, {NUM_CODEBOOKS}], got shape {codes.shape}")
+  if not np.issubdtype(codes.dtype, np.integer):
+    raise CodecError(f"{where}: codes must be integers, got dtype {codes.dtype}")
+  lo, hi = int(codes.min()), int(codes.max())
+  if lo < 0 or hi >= CODEBOOK_SIZE:
+    raise CodecError(f"{where}: codes must lie in [0, {CODEBOOK_SIZE}), got range [{lo}, {hi}]")
+  return codes.astype(np.int16)
+
+
+class CodecBackend(abc.ABC):
+  """Waveform (16 kHz mono float) -> int16 codes [T, 8]."""
+
+  name: str = "codec"
+
+  @abc.abstractmethod
+  def encode(self, wav_16k: np.ndarray) -> np.ndarray:
+    ...
+
+  def encode_file(self, path: str, *, start: Optional[float] = None,
+                  end: Optional[float] = None, wav_16k: Optional[np.ndarray] = None) -> np.ndarray:
+    """Codes of the [start, end) segment of `path`. `wav_16k`: the already-loaded segment, if any."""
+    if wav_16k is None:
+      from bagpiper_jax.data import features  # pylint: disable=g-import-not-at-top
+      wav_16k, _ = features.load_audio(path, start=start, end=end)
+    try:
+      return check_codes(self.encode(wav_16k), path)
+    except CodecError:
+      raise
+    except Exception as e:  # a model failure on this clip: report it against the file
+      raise CodecError(f"{path}: {self.name} failed ({type(e).__name__}: {e})") from e
+
+  @property
+  def needs_waveform(self) -> bool:
+    return True
+
+
+class XcodecBackend(CodecBackend):
+  """`transformers.XcodecModel.from_pretrained(local_dir)` at its full bandwidth (8 codebooks)."""
+
+  name = "xcodec"
+
+  def __init__(self, local_dir: str, *, device: str = "cpu", num_threads: Optional[int] = None):
+    import torch  # pylint: disable=g-import-not-at-top
+    from transformers import XcodecModel  # pylint: disable=g-import-not-at-top
+
+    if not os.path.isfile(os.path.join(local_dir, "config.json")):
+      raise FileNotFoundError(f"--codec xcodec:{local_dir}: no config.json there (the codec must be "
+                              "a local directory; nothing is downloaded)")
+    if num_threads:
+      torch.set_num_threads(num_threads)
+    _quiet_transformers()
+    self._torch = torch
+    self.device = device
+    self.model = XcodecModel.from_pretrained(local_dir, local_files_only=True).eval().to(device)
+    cfg = self.model.config
+    if cfg.sample_rate != SAMPLE_RATE or cfg.frame_rate != FRAME_RATE:
+      raise ValueError(f"{local_dir}: codec runs at {cfg.sample_rate} Hz / {cfg.frame_rate} Hz frames; "
+                       f"Bagpiper needs {SAMPLE_RATE} Hz / {FRAME_RATE} Hz")
+    if cfg.num_quantizers < NUM_CODEBOOKS or cfg.codebook_size != CODEBOOK_SIZE:
+      raise ValueError(f"{local_dir}: codec has {cfg.num_quantizers} codebooks of {cfg.codebook_size}; "
+                       f"Bagpiper needs {NUM_CODEBOOKS} of {CODEBOOK_SIZE}")
+    self._bandwidth = next(b for b in cfg.target_bandwidths
+                           if self.model.quantizer.get_num_quantizers_for_bandwidth(b) == NUM_CODEBOOKS)
+
+  def encode(self, wav_16k: np.ndarray) -> np.ndarray:
+    torch = self._torch
+    wav = np.asarray(wav_16k, dtype=np.float32)
+    if wav.ndim != 1:
+      raise CodecError(f"xcodec expects a mono 1-D waveform, got shape {wav.shape}")
+    x = torch.from_numpy(wav).to(self.device)[None, None, :]
+    with torch.inference_mode():
+      codes = self.model.encode(x, bandwidth=self._bandwidth, return_dict=False)  # [1, 8, T]
+    return check_codes(codes[0].T.cpu().numpy(), "xcodec output")
+
+
+class NpyCodesBackend(CodecBackend):
+  """Precomputed codes: `<dir or audio's dir>/<audio stem>.npy`, int [T, 8] for the WHOLE file.
+
+  A segment [start, end) is cut as frames round(start*50) .. round(end*50). Arrays stored [8, T]
+  are rejected (not transposed) because a silent transpose would hide a wrong export.
+  """
+
+  name = "npy"
+
+  def __init__(self, codes_dir: Optional[str] = None):
+    self.codes_dir = codes_dir
+
+  def codes_path(self, audio_path: str) -> str:
+    stem = os.path.splitext(os.path.basename(audio_path))[0]
+    return os.path.join(self.codes_dir or os.path.dirname(audio_path), stem + ".npy")
+
+  def encode(self, wav_16k: np.ndarray) -> np.ndarray:
+    raise NotImplementedError("NpyCodesBackend reads codes by audio path: use encode_file(path)")
+
+  @property
+  def needs_waveform(self) -> bool:
+    return False
+
+  def encode_file(self, path: str, *, start: Optional[float] = None,
+                  end: Optional[float] = None, wav_16k: Optional[np.ndarray] = None) -> np.ndarray:
+    del wav_16k
+    npy = self.codes_path(path)
+    if not os.path.exists(npy):
+      raise CodecError(f"{path}: precomputed codes not found at {npy}")
+    try:
+      codes = np.load(npy, allow_pickle=False)
+    except Exception as e:
+      raise CodecError(f"{npy}: unreadable codes ({type(e).__name__}: {e})") from e
+    codes = check_codes(codes, npy)
+    if start is not None or end is not None:
+      a = int(round(float(start or 0.0) * FRAME_RATE))
+      b = codes.shape[0] if end is None else int(round(float(end) * FRAME_RATE))
+      if not 0 <= a < b <= codes.shape[0] + 1:  # one frame of slack for rounding
+        raise CodecError(f"{npy}: segment [{start}, {end}) s = frames [{a}, {b}) outside the "
+                         f"{codes.shape[0]} frames stored")
+      codes = codes[a:b]
+    return codes
+
+
+def _quiet_transformers() -> None:
+  """No per-load progress bars in worker logs (they would interleave with the writer's own line)."""
+  from transformers.utils import logging as hf_logging  # pylint: disable=g-import-not-at-top
+  hf_logging.disable_progress_bar()
+
+
+def check_codec_spec(spec: str) -> tuple[str, str]:
+  """Parses the writer's --codec flag without loading anything: "" (none), "npy", "npy:<dir>",
+  "xcodec:<local dir>". Returns (kind, arg); raises ValueError naming the flag."""
+  if not spec:
+    return "", ""
+  kind, _, arg = spec.partition(":")
+  if kind == "npy":
+    if arg and not os.path.isdir(arg):
+      raise ValueError(f"--codec {spec!r}: {arg} is not a directory")
+    return kind, arg
+  if kind == "xcodec":
+    if not arg or not os.path.isfile(os.path.join(arg, "config.json")):
+      raise ValueError(f"--codec {spec!r}: needs a local directory holding an XcodecModel "
+                       "(config.json + weights); nothing is downloaded")
+    return kind, arg
+  raise ValueError(f"--codec {spec!r}: expected '', 'npy', 'npy:<dir>' or 'xcodec:<local dir>'")
+
+
+def load_codec(spec: str) -> Optional[CodecBackend]:
+  """The backend for a --codec flag (see check_codec_spec); None for ""."""
+  kind, arg = check_codec_spec(spec)
+  if kind == "npy":
+    return NpyCodesBackend(arg or None)
+  if kind == "xcodec":
+    return XcodecBackend(arg, num_threads=1)
+  return None
+
+
+def build_tiny_xcodec(out_dir: str, *, seed: int = 0) -> str:
+  """Saves a tiny random-weight XcodecModel (8 x 1024 codebooks, 16 kHz, 50 Hz) to `out_dir`.
+
+  For tests and the demo only: codes are a deterministic function of the audio, nothing more.
+  Sizes: DAC acoustic encoder width 4 / latent 8, decoder width 32 (it halves per upsampling block,
+  so < 16 reaches 0 channels), HuBERT semantic model of 1 layer x 16 dims with 8-channel convs (its
+  conv strides still give 320 samples/frame). XcodecModel initialises codebooks to zeros (every
+  code would be 0), so they are drawn N(0, 1) here. ~90k parameters, ~2 MB on disk.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import XcodecConfig, XcodecModel  # pylint: disable=g-import-not-at-top
+
+  cfg = XcodecConfig(
+      acoustic_model_config=dict(encoder_hidden_size=4, decoder_hidden_size=32, hidden_size=8,
+                                 codebook_size=CODEBOOK_SIZE, codebook_dim=8, n_codebooks=1),
+      semantic_model_config=dict(model_type="hubert", hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32, conv_dim=[8] * 7,
+                                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2),
+      codebook_size=CODEBOOK_SIZE,
+  )
+  assert cfg.num_quantizers == NUM_CODEBOOKS and cfg.frame_rate == FRAME_RATE, cfg
+  _quiet_transformers()
+  state = torch.random.get_rng_state()
+  try:
+    torch.manual_seed(seed)
+    model = XcodecModel(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+      for q in model.quantizer.quantizers:
+        q.codebook.embed.copy_(torch.randn(q.codebook.embed.shape, generator=g))
+        q.codebook.embed_avg.copy_(q.codebook.embed)
+  finally:
+    torch.random.set_rng_state(state)
+  model.save_pretrained(out_dir)
+  return out_dir

@@ -1,0 +1,166 @@
+"""One work item -> one record dict (bagpiper_jax.data.records), or an error saying why not.
+
+Runs inside the writer's worker processes; holds the tokenizer and the codec, loaded once.
+
+Sample rates. The public manifests promise 16 kHz mono audio. Audio at another rate is resampled
+to 16 kHz (the model cannot use it otherwise) and REPORTED: one line in warnings.jsonl and a count
+in index.json, so a mis-exported dataset shows up in the summary instead of silently changing
+pitch or length. `sample_rate_policy="error"` makes such files errors instead. A manifest line that
+states its own "sample_rate" which the file contradicts is always an error (the manifest is wrong
+about the file, so its segment times may be too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from bagpiper_jax.data import codec as codec_lib
+from bagpiper_jax.data import features
+from bagpiper_jax.data import records
+from bagpiper_jax.data import tokenizer as tokenizer_lib
+from bagpiper_jax.model.config import encoder_output_length
+
+from data_pipeline import manifest as manifest_lib
+
+SAMPLE_RATE_POLICIES = ("resample", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildSettings:
+  """Everything a worker needs to build records; picklable, and part of the shard fingerprint."""
+
+  tokenizer: str
+  codec: str = ""  # codec_lib.load_codec spec
+  sample_rate_policy: str = "resample"
+
+
+class ItemError(Exception):
+  """A per-item failure with a summary kind (see manifest.error)."""
+
+  def __init__(self, kind: str, reason: str):
+    super().__init__(reason)
+    self.kind = kind
+
+
+@dataclasses.dataclass
+class Result:
+  record: Optional[dict] = None
+  error: Optional[dict] = None
+  warnings: list = dataclasses.field(default_factory=list)
+  text_tokens: int = 0
+  audio_rows: int = 0
+
+
+class Builder:
+  """Turns items into records. Construct once per worker process."""
+
+  def __init__(self, settings: BuildSettings):
+    if settings.sample_rate_policy not in SAMPLE_RATE_POLICIES:
+      raise ValueError(f"sample_rate_policy {settings.sample_rate_policy!r} not in {SAMPLE_RATE_POLICIES}")
+    self.settings = settings
+    self.tokenizer = tokenizer_lib.load_tokenizer(settings.tokenizer)
+    self.codec = codec_lib.load_codec(settings.codec)
+
+  # -- content builders ---------------------------------------------------------------------------
+
+  def text_ids(self, text: str) -> np.ndarray:
+    try:
+      ids = self.tokenizer.encode(text)
+    except Exception as e:
+      raise ItemError("tokenizer", f"tokenizer failed ({type(e).__name__}: {e})") from e
+    if not ids:
+      raise ItemError("empty_text", f"text tokenises to no ids: {text[:80]!r}")
+    return np.asarray(ids, dtype=np.int32) + tokenizer_lib.UNIFIED_TEXT_OFFSET
+
+  def _load(self, path: str, start, end, declared_sr, warnings: list, item) -> np.ndarray:
+    try:
+      wav, orig_sr = features.load_audio(path, start=start, end=end)
+    except features.AudioError as e:
+      kind = "missing_audio" if "file not found" in str(e) else (
+          "bad_segment" if "segment" in str(e) else "corrupt_audio")
+      raise ItemError(kind, str(e)) from e
+    if declared_sr is not None and int(declared_sr) != orig_sr:
+      raise ItemError("sample_rate", f"{path}: manifest says {int(declared_sr)} Hz, file is {orig_sr} Hz")
+    if orig_sr != features.SAMPLE_RATE:
+      if self.settings.sample_rate_policy == "error":
+        raise ItemError("sample_rate", f"{path}: {orig_sr} Hz, expected {features.SAMPLE_RATE} Hz "
+                        "(--sample_rate_policy=error)")
+      warnings.append(manifest_lib.error(item.manifest, item.line, f"resampled_from_{orig_sr}",
+                                         f"{path}: resampled {orig_sr} Hz -> 16000 Hz",
+                                         item_id=item.id, source=item.source, audio=path))
+    if wav.shape[0] < features.HOP_LENGTH * 2:
+      raise ItemError("too_short", f"{path}: only {wav.shape[0]} samples after cutting")
+    return wav
+
+  def mel(self, path, start, end, declared_sr, warnings, item) -> np.ndarray:
+    return features.mel_features(self._load(path, start, end, declared_sr, warnings, item))
+
+  def codes(self, path, start, end, declared_sr, warnings, item) -> np.ndarray:
+    if self.codec is None:
+      raise ItemError("no_codec", "assistant audio needs codes but no --codec was given")
+    wav = self._load(path, start, end, declared_sr, warnings, item) if self.codec.needs_waveform else None
+    if wav is None and not os.path.exists(path):
+      raise ItemError("missing_audio", f"{path}: file not found")
+    try:
+      return self.codec.encode_file(path, start=start, end=end, wav_16k=wav)
+    except (codec_lib.CodecError, features.AudioError) as e:
+      raise ItemError("codec", str(e)) from e
+
+  # -- items --------------------------------------------------------------------------------------
+
+  def build(self, item: manifest_lib.Item) -> Result:
+    res = Result()
+    try:
+      messages = self._messages(item, res.warnings)
+      rec = {"id": item.id, "source": item.source, "task": item.task, "messages": messages}
+      records.validate(rec, where=f"{item.manifest}:{item.line}")
+    except ItemError as e:
+      res.error = manifest_lib.error(item.manifest, item.line, e.kind, str(e), item_id=item.id,
+                                     source=item.source, audio=item.audio_path())
+      return res
+    except Exception as e:  # never crash the run on one bad line; report it
+      res.error = manifest_lib.error(item.manifest, item.line, "internal",
+                                     f"{type(e).__name__}: {e}", item_id=item.id,
+                                     source=item.source, audio=item.audio_path())
+      return res
+    res.record = rec
+    for m in messages:
+      if "text_ids" in m:
+        res.text_tokens += int(m["text_ids"].shape[0])
+      elif "mel" in m:
+        res.audio_rows += encoder_output_length(int(m["mel"].shape[1]))
+      else:
+        res.audio_rows += int(m["codes"].shape[0]) + codec_lib.NUM_CODEBOOKS - 1  # delay interleave
+    return res
+
+  def _messages(self, item: manifest_lib.Item, warnings: list) -> list[dict[str, Any]]:
+    row = item.row
+    if item.task == "text_only":
+      return [{"role": "assistant", "modality": "text", "text_ids": self.text_ids(row["text"])}]
+    if item.task in ("audio_to_text", "text_to_audio"):
+      seg = (row["audio"], row.get("start"), row.get("end"), row.get("sample_rate"), warnings, item)
+      caption = self.text_ids(row["rich_caption"].strip())
+      if item.task == "audio_to_text":
+        return [{"role": "user", "modality": "audio", "mel": self.mel(*seg)},
+                {"role": "assistant", "modality": "text", "text_ids": caption}]
+      return [{"role": "user", "modality": "text", "text_ids": caption},
+              {"role": "assistant", "modality": "audio", "codes": self.codes(*seg)}]
+    if item.task == "dialogue":
+      out = []
+      for m in row["messages"]:
+        role, modality, content = m["role"], m["modality"], m["content"]
+        if modality == "text":
+          out.append({"role": role, "modality": "text", "text_ids": self.text_ids(content)})
+          continue
+        seg = (content["path"], content.get("start"), content.get("end"), content.get("sample_rate"),
+               warnings, item)
+        if role == "assistant":
+          out.append({"role": role, "modality": "audio", "codes": self.codes(*seg)})
+        else:
+          out.append({"role": role, "modality": "audio", "mel": self.mel(*seg)})
+      return out
+    raise ItemError("internal", f"unknown task {item.task!r}")

@@ -1,0 +1,160 @@
+"""JSONL manifests -> work items. Cheap, line-level checks only (no audio is opened here).
+
+Three kinds of line, told apart by their keys:
+
+  pretraining  {"audio", "rich_caption", "direction", "category", "dataset", ["start", "end"],
+                ["sample_rate"], ["id"]}
+               direction "und" -> audio_to_text in subset f"{category}_und";
+               "gen" -> text_to_audio in f"{category}_gen"; "und,gen" -> one item for each.
+  text only    {"text", ["id"]} (no "audio")           -> text_only in subset "text_only".
+  SFT          {"messages": [{"role", "modality", "content"}, ...], ["id"], ["category"]}
+               -> dialogue in the subset named by --sft_source. Audio content is a path, or
+               {"path", ["start"], ["end"]}.
+
+Relative audio paths are resolved against the manifest's directory. A line that cannot become an
+item (bad JSON, empty caption, unknown direction/category, malformed messages) becomes an error
+dict with the manifest, line number and reason; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterable, Optional
+
+from bagpiper_jax.data import records
+
+CATEGORIES = ("speech", "music", "sound")
+DIRECTIONS = {"und": ("und",), "gen": ("gen",), "und,gen": ("und", "gen"), "gen,und": ("und", "gen")}
+TEXT_ONLY_SOURCE = "text_only"
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """One record to build. `row` is the manifest line (audio paths already absolute)."""
+
+  manifest: str
+  line: int  # 1-based
+  id: str
+  source: str
+  task: str
+  category: str
+  row: dict
+
+  def audio_path(self) -> Optional[str]:
+    return self.row.get("audio")
+
+
+def error(manifest: str, line: int, reason_kind: str, reason: str, *, item_id: str = "",
+          source: str = "", audio: Optional[str] = None) -> dict[str, Any]:
+  """The errors.jsonl row. `kind` is a short key for the summary counts; `reason` is for people."""
+  return {"manifest": manifest, "line": line, "id": item_id, "source": source, "audio": audio,
+          "kind": reason_kind, "reason": reason}
+
+
+def _resolve(path: str, base: str) -> str:
+  path = os.path.expanduser(path)
+  return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def _audio_content(content: Any, base: str) -> Optional[dict]:
+  if isinstance(content, str) and content.strip():
+    return {"path": _resolve(content.strip(), base)}
+  if isinstance(content, dict):
+    path = content.get("path") or content.get("audio")
+    if isinstance(path, str) and path.strip():
+      return {**content, "path": _resolve(path.strip(), base)}
+  return None
+
+
+def parse_line(manifest: str, line_no: int, text: str, *, sft_source: str = "sft"
+               ) -> tuple[list[Item], list[dict]]:
+  """One manifest line -> (items, errors). Blank lines give neither."""
+  if not text.strip():
+    return [], []
+  base = os.path.dirname(os.path.abspath(manifest))
+  err = lambda kind, why, **kw: ([], [error(manifest, line_no, kind, why, **kw)])
+  try:
+    row = json.loads(text)
+  except json.JSONDecodeError as e:
+    return err("bad_json", f"invalid JSON: {e}")
+  if not isinstance(row, dict):
+    return err("bad_json", f"line is a JSON {type(row).__name__}, not an object")
+  base_id = str(row.get("id") or f"{os.path.basename(manifest)}:{line_no}")
+
+  if "messages" in row:
+    msgs = row["messages"]
+    if not isinstance(msgs, list) or not msgs:
+      return err("bad_messages", "'messages' must be a non-empty list", item_id=base_id, source=sft_source)
+    clean = []
+    for i, m in enumerate(msgs):
+      if not isinstance(m, dict):
+        return err("bad_messages", f"messages[{i}] is not an object", item_id=base_id, source=sft_source)
+      role, modality, content = m.get("role"), m.get("modality"), m.get("content")
+      if role not in records.ROLES:
+        return err("bad_messages", f"messages[{i}].role {role!r} not in {records.ROLES}",
+                   item_id=base_id, source=sft_source)
+      if modality not in records.MODALITIES:
+        return err("bad_messages", f"messages[{i}].modality {modality!r} not in {records.MODALITIES}",
+                   item_id=base_id, source=sft_source)
+      if modality == "text":
+        if not isinstance(content, str) or not content.strip():
+          return err("empty_text", f"messages[{i}] has empty text content", item_id=base_id,
+                     source=sft_source)
+        clean.append({"role": role, "modality": modality, "content": content})
+      else:
+        audio = _audio_content(content, base)
+        if audio is None:
+          return err("bad_messages", f"messages[{i}] audio content must be a path or "
+                     "{'path', 'start', 'end'}", item_id=base_id, source=sft_source)
+        clean.append({"role": role, "modality": modality, "content": audio})
+    category = str(row.get("category") or sft_source)
+    return [Item(manifest, line_no, base_id, sft_source, "dialogue", category,
+                 {**row, "messages": clean})], []
+
+  if "audio" not in row and "text" in row:
+    text_ = row["text"]
+    if not isinstance(text_, str) or not text_.strip():
+      return err("empty_text", "empty 'text'", item_id=base_id, source=TEXT_ONLY_SOURCE)
+    return [Item(manifest, line_no, base_id, TEXT_ONLY_SOURCE, "text_only", "text", row)], []
+
+  audio = row.get("audio")
+  if not isinstance(audio, str) or not audio.strip():
+    return err("missing_field", "no 'audio' path (and no 'text' or 'messages')", item_id=base_id)
+  row = {**row, "audio": _resolve(audio.strip(), base)}
+  kw = dict(item_id=base_id, audio=row["audio"])
+  direction = str(row.get("direction", "")).replace(" ", "")
+  if direction not in DIRECTIONS:
+    return err("bad_direction", f"direction {row.get('direction')!r} not one of "
+               "'und', 'gen', 'und,gen'", **kw)
+  category = row.get("category")
+  if category not in CATEGORIES:
+    return err("bad_category", f"category {category!r} not in {CATEGORIES}", **kw)
+  caption = row.get("rich_caption")
+  if not isinstance(caption, str) or not caption.strip():
+    return err("empty_caption", "empty 'rich_caption'", **kw)
+  items = []
+  for d in DIRECTIONS[direction]:
+    task = "audio_to_text" if d == "und" else "text_to_audio"
+    items.append(Item(manifest, line_no, f"{base_id}:{d}", f"{category}_{d}", task, category, row))
+  return items, []
+
+
+def read_manifests(paths: Iterable[str], *, sft_source: str = "sft") -> tuple[list[Item], list[dict]]:
+  """All items and line errors of `paths`, in manifest then line order (deterministic)."""
+  items, errors = [], []
+  for path in paths:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"--manifest {path}: no such file")
+    with open(path, "rb") as f:
+      for line_no, raw in enumerate(f, start=1):
+        try:
+          text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          errors.append(error(path, line_no, "bad_json", f"line is not UTF-8 ({e})"))
+          continue
+        it, er = parse_line(path, line_no, text, sft_source=sft_source)
+        items += it
+        errors += er
+  return items, errors
