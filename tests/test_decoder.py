@@ -84,6 +84,22 @@ def test_packed_documents_equal_separate_documents():
   np.testing.assert_allclose(out[0, 7:16], out_b[0], atol=1e-5)
 
 
+def test_query_chunked_attention_equals_dense():
+  cfg = tiny_model_config(attention_q_chunk=0)
+  rng = np.random.default_rng(4)
+  row = rng.integers(cfg.num_specials, cfg.codec_start, size=(2, 23)).astype(np.int32)
+  seg = np.array([[1] * 10 + [2] * 11 + [0] * 2, [1] * 23], np.int32)
+  pos = np.array([list(range(10)) + list(range(11)) + [0, 0], list(range(23))], np.int32)
+  batch = _text_batch(row, seg, pos)
+  params = _randomize(_init(cfg, batch))
+  dense = Bagpiper(cfg).apply({"params": params}, batch, method=Bagpiper.logits)
+  for q_chunk in (4, 5, 23):  # 23 = 4*5+3 and 5*4+3 exercise the padded last block
+    chunked = Bagpiper(dataclasses.replace(cfg, attention_q_chunk=q_chunk)).apply(
+        {"params": params}, batch, method=Bagpiper.logits)
+    np.testing.assert_allclose(np.asarray(chunked)[:, :21], np.asarray(dense)[:, :21], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(chunked)[1], np.asarray(dense)[1], atol=1e-5)
+
+
 def _mixed_batch(cfg: ModelConfig):
   """One row per SPEC: text rows, a continuous-audio span, a delayed codec span; then a 2nd document."""
   enc = cfg.audio_encoder

@@ -88,8 +88,7 @@ class Bagpiper(nn.Module):
     if "audio_mel" in batch:
       x = self.audio_rows(batch, x)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    mask = layers.packed_causal_mask(batch["segment_ids"])
-    x, _ = self.layers(x, batch["positions"], mask)
+    x, _ = self.layers(x, batch["positions"], batch["segment_ids"])
     return self.norm(x)
 
   def stream_table(self):

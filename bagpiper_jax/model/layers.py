@@ -50,12 +50,52 @@ def rope(x, positions, theta: float):
   return out.astype(x.dtype)
 
 
-def packed_causal_mask(segment_ids):
-  """[B, 1, L, L] bool: causal within a document (same segment id); padding (0) sees padding."""
-  l = segment_ids.shape[-1]
-  causal = jnp.tril(jnp.ones((l, l), dtype=jnp.bool_))
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (causal[None] & same)[:, None]
+def packed_causal_mask(q_segment_ids, kv_segment_ids, q_offset=0):
+  """[B, Lq, Lk] bool: causal within a document (same segment id); padding (0) sees padding.
+
+  Query i of this block sits at absolute row q_offset + i; keys start at row 0.
+  """
+  lq, lk = q_segment_ids.shape[-1], kv_segment_ids.shape[-1]
+  causal = (q_offset + jnp.arange(lq))[:, None] >= jnp.arange(lk)[None, :]
+  same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  return causal[None] & same
+
+
+def _attend_block(q, k, v, mask):
+  """q [B, Lq, K, G, D], k/v [B, Lk, K, D], mask [B, Lq, Lk] -> [B, Lq, K, G, D] (float32 softmax)."""
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (q.shape[-1] ** -0.5)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+
+
+def attend(q, k, v, segment_ids, q_chunk: int = 0):
+  """Grouped-query attention over packed documents. q [B, L, H, D]; k, v [B, L, K, D].
+
+  With q_chunk > 0 (and L > q_chunk) queries are processed in blocks of q_chunk rows, each block
+  rematerialised in the backward pass: attention memory is O(q_chunk * L) instead of O(L^2).
+  """
+  b, l, h, d = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, l, kv, h // kv, d)
+  if not q_chunk or l <= q_chunk:
+    out = _attend_block(qg, k, v, packed_causal_mask(segment_ids, segment_ids))
+    return out.reshape(b, l, h, d)
+  pad = (-l) % q_chunk  # padded query rows get segment -1: they see nothing and are dropped
+  if pad:
+    qg = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+  q_seg = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+  n = (l + pad) // q_chunk
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def block(i, q_blk, seg_blk):
+    return _attend_block(q_blk, k, v, packed_causal_mask(seg_blk, segment_ids, i * q_chunk))
+
+  q_blocks = jnp.moveaxis(qg.reshape(b, n, q_chunk, kv, h // kv, d), 1, 0)
+  seg_blocks = jnp.moveaxis(q_seg.reshape(b, n, q_chunk), 1, 0)
+  out = jax.lax.map(lambda xs: block(*xs), (jnp.arange(n), q_blocks, seg_blocks))
+  return jnp.moveaxis(out, 0, 1).reshape(b, n * q_chunk, h, d)[:, :l]
 
 
 def _dense_init(cfg: ModelConfig, axes):
@@ -66,7 +106,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask):
+  def __call__(self, x, positions, segment_ids):
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     proj = functools.partial(nn.DenseGeneral, use_bias=False, dtype=dt, param_dtype=pdt)
@@ -83,14 +123,7 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
     k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
-    # GQA: group the query heads that share a KV head, [B, L, K, G, D].
-    b, l, _, d = q.shape
-    g = cfg.num_heads // cfg.num_kv_heads
-    qg = q.reshape(b, l, cfg.num_kv_heads, g, d)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, l, cfg.num_heads, d)
+    out = attend(q, k, v, segment_ids, cfg.attention_q_chunk).astype(dt)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     return proj(cfg.hidden_size, axis=(-2, -1), kernel_init=_dense_init(cfg, ("heads", "head_dim", "embed")),
                 name="o_proj")(out)
@@ -116,12 +149,12 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask):
+  def __call__(self, x, positions, segment_ids):
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
-    x = x + Attention(cfg, name="self_attn")(h, positions, mask)
+    x = x + Attention(cfg, name="self_attn")(h, positions, segment_ids)
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
     x = x + MLP(cfg, name="mlp")(h)
     return x, None
@@ -145,7 +178,7 @@ def remat_policy(name: str):
 def scanned_decoder_layers(cfg: ModelConfig):
   """DecoderLayer stacked on a leading 'layers' axis and run with nn.scan (compile time flat in depth).
 
-  Instantiate as `scanned_decoder_layers(cfg)(cfg, name="layers")`; call `(x, positions, mask)`.
+  Instantiate as `scanned_decoder_layers(cfg)(cfg, name="layers")`; call `(x, positions, segment_ids)`.
   """
   layer = DecoderLayer
   if cfg.remat_policy != "none":
