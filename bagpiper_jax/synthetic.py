@@ -1,0 +1,117 @@
+"""A small deterministic batch iterator with the pipeline's get_state/set_state protocol.
+
+Used by trainer tests and as `config.data.synthetic = True` (no files needed). Batch `i` is a pure
+function of (seed, process_index, i), so restoring the state {'next': i} reproduces the stream
+exactly. Rows follow the batch contract (batch.py): per packed row, an audio-to-text document
+(user continuous audio -> assistant text) and a text-to-audio document (user text -> assistant
+delay-interleaved codec frames). Content is learnable (each assistant text is an arithmetic
+progression, each codec stream a shifted ramp) so the loss visibly goes down.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bagpiper_jax.model.config import (ASSISTANT, AUDIO, BOS, EOS, TEXT, USER, ModelConfig,
+                                       conv_out_length)
+
+
+class SyntheticIterator:
+
+  def __init__(self, model_cfg: ModelConfig, *, rows: int, seq_len: int, audio_windows: int,
+               seed: int = 0, process_index: int = 0):
+    self.cfg, self.rows, self.seq_len, self.windows = model_cfg, rows, seq_len, audio_windows
+    self.seed, self.process_index = seed, process_index
+    self._next = 0
+
+  def __iter__(self):
+    return self
+
+  def get_state(self) -> dict:
+    return {"next": self._next}
+
+  def set_state(self, state: dict) -> None:
+    self._next = int(state["next"])
+
+  def __next__(self) -> dict:
+    rng = np.random.default_rng([self.seed, self.process_index, self._next])
+    self._next += 1
+    rows = [self._row(rng) for _ in range(self.rows)]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+  def _row(self, rng) -> dict:
+    cfg, L, S = self.cfg, self.seq_len, self.cfg.num_streams
+    enc = cfg.audio_encoder
+    ids = np.zeros((L, S), np.int32)
+    w = np.zeros((L, S), np.float32)
+    seg = np.zeros((L,), np.int32)
+    pos = np.zeros((L,), np.int32)
+    out = {}
+    t = 0
+    doc = 0
+
+    def put(row_ids, weight, doc_id, start):
+      nonlocal t
+      ids[t] = row_ids
+      w[t] = weight
+      seg[t] = doc_id
+      pos[t] = t - start
+      t += 1
+
+    text = lambda i: np.array([cfg.num_specials + i % cfg.text_vocab_size] + [0] * (S - 1), np.int32)
+    tok = lambda i: np.array([i] + [0] * (S - 1), np.int32)
+    one = np.array([1.0] + [0.0] * (S - 1), np.float32)
+    zero = np.zeros((S,), np.float32)
+    # Document 1: audio -> text (needs an encoder window).
+    if self.windows:
+      mel = rng.standard_normal((self.windows, enc.chunks_per_window, enc.num_mel_bins,
+                                 enc.chunk_frames)).astype(np.float32) * 0.5
+      lens = np.zeros((self.windows, enc.chunks_per_window), np.int32)
+      nchunks = int(rng.integers(1, 3))
+      lens[0, :nchunks] = enc.chunk_frames
+      lens[0, nchunks - 1] = int(rng.integers(20, enc.chunk_frames + 1))
+      n_frames = sum(conv_out_length(int(x)) for x in lens[0] if x)
+      audio_rows = np.full((L,), -1, np.int32)
+      ntxt = int(rng.integers(8, 24))
+      if 6 + n_frames + 4 + ntxt <= L // 2:
+        doc += 1
+        start = t
+        for i in (BOS, USER, AUDIO):
+          put(tok(i), zero, doc, start)
+        frame = 0
+        for c, n in enumerate(lens[0]):
+          for j in range(conv_out_length(int(n)) if n else 0):
+            audio_rows[t] = c * enc.frames_per_chunk_out + j
+            put(np.zeros(S, np.int32), zero, doc, start)
+            frame += 1
+        put(tok(EOS), zero, doc, start)
+        a, step = int(rng.integers(0, 50)), int(rng.integers(1, 4))
+        for i in (ASSISTANT, TEXT):
+          put(tok(i), one, doc, start)
+        for k in range(ntxt):
+          put(text(a + step * k), one, doc, start)
+        put(tok(EOS), one, doc, start)
+      out.update(audio_mel=mel, audio_chunk_lens=lens, audio_rows=audio_rows)
+    # Document 2: text -> audio (delay-interleaved codec frames).
+    frames = int(rng.integers(4, 16))
+    if t + 10 + frames + S + 2 <= L:
+      doc += 1
+      start = t
+      for i in (BOS, USER, TEXT):
+        put(tok(i), zero, doc, start)
+      a = int(rng.integers(0, 50))
+      for k in range(4):
+        put(text(a + k), zero, doc, start)
+      put(tok(EOS), zero, doc, start)
+      for i in (ASSISTANT, AUDIO):
+        put(tok(i), one, doc, start)
+      for r in range(frames + S - 1):
+        row = np.zeros(S, np.int32)
+        for s in range(S):
+          f = r - s
+          row[s] = (cfg.codec_id(s, (a + 3 * f + s) % cfg.codebook_size) if 0 <= f < frames
+                    else cfg.codec_pad_id(s))
+        put(row, np.full((S,), 1.0 / S, np.float32), doc, start)
+      put(tok(EOS), one, doc, start)
+    out.update(input_ids=ids, loss_weights=w, segment_ids=seg, positions=pos)
+    return out
