@@ -203,7 +203,7 @@ def _finish(ds: grain.IterDataset, config, cfg: ModelConfig, *, batch: int, seed
   max_windows = int(config.data.max_audio_windows)
   ds = packing.BudgetFilterIterDataset(ds, seq_len=seq_len, max_windows=max_windows)
   ds = packing.pack(ds, seq_len=seq_len, max_windows=max_windows,
-                    num_bins=max(int(_get(config.data, "packing_bins", 0)) or DEFAULT_PACKING_BINS, batch),
+                    num_bins=int(_get(config.data, "packing_bins", 0)) or DEFAULT_PACKING_BINS,
                     seed=seed, shuffle_bins=train)
   assembler = packing.BatchAssembler(cfg, batch_size=batch, seq_len=seq_len, max_windows=max_windows)
   ds = ds.batch(batch, drop_remainder=False, batch_fn=assembler)
@@ -212,6 +212,9 @@ def _finish(ds: grain.IterDataset, config, cfg: ModelConfig, *, batch: int, seed
     ds = packing.FixedCountIterDataset(ds, num=int(num_batches), filler=assembler.empty)
   workers = int(_get(config.data, "num_workers", 0))
   if workers > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():  # Grain workers read absl flags; outside an absl app use defaults.
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
   return ds.__iter__()
 
