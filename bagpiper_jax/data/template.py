@@ -138,10 +138,15 @@ def template_example(example: Mapping[str, Any], cfg: mc.ModelConfig, *,
       t_frames = mel.shape[1]
       n_chunks = -(-t_frames // chunk)
       n_win = -(-n_chunks // per_win)
-      padded = np.zeros((enc.num_mel_bins, n_win * per_win * chunk), mel.dtype)
-      padded[:, :t_frames] = mel
-      mels.append(np.ascontiguousarray(
-          padded.reshape(enc.num_mel_bins, n_win, per_win, chunk).transpose(1, 2, 0, 3)))
+      # One strided copy per audio ([M, T] -> [chunks, M, F]); this is the hot path of und data.
+      win = np.zeros((n_win, per_win, enc.num_mel_bins, chunk), mel.dtype)
+      flat = win.reshape(n_win * per_win, enc.num_mel_bins, chunk)
+      full = t_frames // chunk
+      if full:
+        flat[:full] = mel[:, :full * chunk].reshape(enc.num_mel_bins, full, chunk).transpose(1, 0, 2)
+      if full < n_chunks:
+        flat[full, :, :t_frames - full * chunk] = mel[:, full * chunk:]
+      mels.append(win)
       cl = np.zeros((n_win * per_win,), np.int32)
       cl[:n_chunks] = chunk
       cl[n_chunks - 1] = t_frames - (n_chunks - 1) * chunk
