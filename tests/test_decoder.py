@@ -247,3 +247,16 @@ def test_compile_size_does_not_grow_with_depth():
     fn = jax.jit(jax.grad(lambda p, b: Bagpiper(cfg).apply({"params": p}, b)[0]))
     sizes.append(len(fn.lower(params, batch).as_text()))
   assert sizes[1] < 1.05 * sizes[0], sizes
+
+
+def test_traces_under_a_mesh_with_logical_rules():
+  """Every logical constraint and boxed param init has the rank it names (no DenseGeneral reshape)."""
+  from bagpiper_jax import sharding  # pylint: disable=g-import-not-at-top
+  cfg = tiny_model_config()
+  batch = _mixed_batch(cfg)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), sharding.MESH_AXES)
+  model = Bagpiper(cfg)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch))
+    loss, _ = jax.eval_shape(lambda v: model.apply(v, batch), shapes)
+  assert loss.shape == ()

@@ -41,6 +41,7 @@ import numpy as np
 from flax import linen as nn
 
 from bagpiper_jax.model.config import AudioEncoderConfig, conv_out_length
+from bagpiper_jax.model.layers import Proj, remat_policy
 
 Dtype = jnp.dtype
 
@@ -160,9 +161,9 @@ class EncoderAttention(nn.Module):
     if cfg.d_model % h:
       raise ValueError(f"audio encoder d_model {cfg.d_model} is not divisible by num_heads {h}")
     d = cfg.d_model // h
-    proj = functools.partial(nn.DenseGeneral, features=(h, d), dtype=self.dtype, param_dtype=self.param_dtype,
-                             kernel_init=_init(("enc_embed", "enc_heads", "enc_head_dim")),
-                             bias_init=_zeros(("enc_heads", "enc_head_dim")))
+    proj = functools.partial(Proj, (h, d), _init(("enc_embed", "enc_heads", "enc_head_dim")),
+                             bias_init=_zeros(("enc_heads", "enc_head_dim")), dtype=self.dtype,
+                             param_dtype=self.param_dtype)
     q = proj(name="q_proj")(x)
     k = proj(name="k_proj")(x)
     v = proj(name="v_proj")(x)
@@ -170,9 +171,9 @@ class EncoderAttention(nn.Module):
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                           kernel_init=_init(("enc_heads", "enc_head_dim", "enc_embed")),
-                           bias_init=_zeros(("enc_embed",)), name="out_proj")(out)
+    return Proj((cfg.d_model,), _init(("enc_heads", "enc_head_dim", "enc_embed")), in_axes=2,
+                bias_init=_zeros(("enc_embed",)), dtype=self.dtype, param_dtype=self.param_dtype,
+                name="out_proj")(out)
 
 
 class EncoderLayer(nn.Module):
@@ -239,8 +240,8 @@ class AudioEncoder(nn.Module):
     if k != cfg.frames_per_chunk_out:
       raise AssertionError(f"CNN gave {k} frames per chunk, expected {cfg.frames_per_chunk_out}")
     x = x.transpose(0, 2, 3, 1)
-    x = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=pdt,
-                        kernel_init=_init(("enc_conv", None, "enc_embed")), name="conv_out")(x)
+    x = Proj((cfg.d_model,), _init(("enc_conv", None, "enc_embed")), in_axes=2, dtype=dt, param_dtype=pdt,
+             name="conv_out")(x)
     pos = sinusoid_position_embedding(cfg.max_source_positions, cfg.d_model)[:k]
     x = x + jnp.asarray(pos, dt)[None]
     x = x.reshape(n, c * k, cfg.d_model)
@@ -249,8 +250,7 @@ class AudioEncoder(nn.Module):
     mask = (valid[:, None, :] & jnp.ones_like(valid)[:, :, None])[:, None]  # [N, 1, S(q), S(k)]
     layer = EncoderLayer
     if self.remat_policy != "none":
-      from bagpiper_jax.model import layers as decoder_layers  # pylint: disable=g-import-not-at-top
-      layer = nn.remat(layer, policy=decoder_layers.remat_policy(self.remat_policy), prevent_cse=False)
+      layer = nn.remat(layer, policy=remat_policy(self.remat_policy), prevent_cse=False)
     stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=(nn.broadcast,), length=cfg.num_layers,
                     metadata_params={nn.PARTITION_NAME: "enc_layers"})

@@ -38,6 +38,30 @@ class RMSNorm(nn.Module):
     return (scale.astype(self.dtype) * y.astype(self.dtype)).astype(self.dtype)
 
 
+class Proj(nn.Module):
+  """y = x . kernel over the trailing `in_axes` dims of x; kernel [*in_dims, *features] (+ bias [*features]).
+
+  Like nn.DenseGeneral, but the kernel is created with its full multi-axis shape, so its logical
+  axis names (from `kernel_init`) always match its rank, also under a mesh.
+  """
+
+  features: tuple[int, ...]
+  kernel_init: nn.initializers.Initializer
+  in_axes: int = 1
+  bias_init: nn.initializers.Initializer | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    shape = tuple(x.shape[x.ndim - self.in_axes:]) + tuple(self.features)
+    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_axes)
+    if self.bias_init is not None:
+      y = y + self.param("bias", self.bias_init, tuple(self.features), self.param_dtype).astype(self.dtype)
+    return y
+
+
 def rope(x, positions, theta: float):
   """Rotary embedding, half-split layout (as HF `rotate_half`). x: [B, L, H, D]; positions: [B, L]."""
   d = x.shape[-1]
@@ -109,12 +133,11 @@ class Attention(nn.Module):
   def __call__(self, x, positions, segment_ids):
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-    proj = functools.partial(nn.DenseGeneral, use_bias=False, dtype=dt, param_dtype=pdt)
-    q = proj((cfg.num_heads, cfg.head_dim), kernel_init=_dense_init(cfg, ("embed", "heads", "head_dim")),
-             name="q_proj")(x)
-    k = proj((cfg.num_kv_heads, cfg.head_dim), kernel_init=_dense_init(cfg, ("embed", "kv_heads", "head_dim")),
+    proj = functools.partial(Proj, dtype=dt, param_dtype=pdt)
+    q = proj((cfg.num_heads, cfg.head_dim), _dense_init(cfg, ("embed", "heads", "head_dim")), name="q_proj")(x)
+    k = proj((cfg.num_kv_heads, cfg.head_dim), _dense_init(cfg, ("embed", "kv_heads", "head_dim")),
              name="k_proj")(x)
-    v = proj((cfg.num_kv_heads, cfg.head_dim), kernel_init=_dense_init(cfg, ("embed", "kv_heads", "head_dim")),
+    v = proj((cfg.num_kv_heads, cfg.head_dim), _dense_init(cfg, ("embed", "kv_heads", "head_dim")),
              name="v_proj")(x)
     q = RMSNorm(cfg.rms_norm_eps, dt, pdt, axis_name="head_dim", name="q_norm")(q)
     k = RMSNorm(cfg.rms_norm_eps, dt, pdt, axis_name="head_dim", name="k_norm")(k)
@@ -125,7 +148,7 @@ class Attention(nn.Module):
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
     out = attend(q, k, v, segment_ids, cfg.attention_q_chunk).astype(dt)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-    return proj(cfg.hidden_size, axis=(-2, -1), kernel_init=_dense_init(cfg, ("heads", "head_dim", "embed")),
+    return proj((cfg.hidden_size,), _dense_init(cfg, ("heads", "head_dim", "embed")), in_axes=2,
                 name="o_proj")(out)
 
 
