@@ -1,0 +1,323 @@
+"""The on-disk params checkpoint: one Orbax PyTree item `params/` (+ `model_config.json`).
+
+Layout written by `save_params(path, ...)`:
+
+    <path>/params/              Orbax PyTree checkpoint (OCDBT + zarr) of the unboxed param dict
+                                {embed_tokens: {embedding}, layers: {...}, ..., audio_encoder: {...}}
+    <path>/model_config.json    ModelConfig.to_dict() of the model the params belong to
+
+This is a "step directory" in the sense of bagpiper_jax/checkpoint.py: `config.init_from=<path>`
+restores `<path>/params` with `ocp.StandardCheckpointer`, and `load_params` here does the same.
+A training checkpoint (`<workdir>/checkpoints/<step>/` with items params/train/data/config, or the
+`checkpoints/` directory itself: latest step) is accepted wherever a params path is read.
+
+Streaming (the 8B model is 36 GB in fp32; conversions must run on a 24 GB host):
+  * write: a leaf may be a `LazyArray` (shape, dtype, and a generator of blocks). A dedicated Orbax
+    TypeHandler writes its blocks one at a time into the leaf's zarr array, whose chunks are the
+    block shape (one layer slice for scanned leaves), and records it as an ordinary `np.ndarray`
+    leaf, so restoring needs nothing special.
+  * read: `ParamsReader` opens each leaf's zarr array with TensorStore and reads one leaf or one
+    layer slice, without the cache (a read allocates exactly its result, plus the chunks in flight).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from orbax.checkpoint._src.futures import future as ocp_future
+from orbax.checkpoint._src.serialization import ocdbt_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+from orbax.checkpoint._src.serialization import type_handler_registry
+from orbax.checkpoint._src.serialization import type_handlers
+
+from bagpiper_jax.model.config import ModelConfig
+
+PARAMS_ITEM = "params"
+MODEL_CONFIG_FILE = "model_config.json"
+
+Block = tuple[tuple, np.ndarray]  # (index into the leaf, values)
+# zarr chunk size for leaves written in blocks: small enough that TensorStore's per-chunk encode
+# buffers stay negligible next to the one tensor a conversion holds.
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+
+class ParamsIOError(RuntimeError):
+  pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+
+
+@dataclasses.dataclass
+class LazyArray:
+  """A leaf produced block by block at save time, so the whole array is never in memory.
+
+  `blocks()` yields (index, values) pairs that together cover the array exactly once, each of
+  shape `block_shape` (the zarr chunk shape); index is a tuple usable as `array[index]`.
+  """
+
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  blocks: Callable[[], Iterator[Block]]
+  block_shape: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    self.shape = tuple(int(s) for s in self.shape)
+    self.dtype = np.dtype(self.dtype)
+    self.block_shape = tuple(self.block_shape or self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+  @classmethod
+  def per_layer(cls, shape, dtype, layer_fn: Callable[[int], np.ndarray]) -> "LazyArray":
+    """A scanned leaf [N, ...] whose slice i is `layer_fn(i)`."""
+    shape = tuple(shape)
+
+    def blocks():
+      for i in range(shape[0]):
+        yield (slice(i, i + 1),), np.asarray(layer_fn(i), dtype)[None]
+    return cls(shape, dtype, blocks, (1,) + shape[1:])
+
+  @classmethod
+  def blocked(cls, shape, dtype, fn: Callable[[int, int], np.ndarray], axis: int = 0,
+              max_block_bytes: int = DEFAULT_BLOCK_BYTES) -> "LazyArray":
+    """Blocks along `axis` of at most ~max_block_bytes; block j is `fn(lo, hi)` (indices lo:hi)."""
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+      return cls(shape, dtype, lambda: iter([((), np.asarray(fn(0, 1), dtype))]))
+    other = int(np.prod(shape, dtype=np.int64)) // max(shape[axis], 1) * np.dtype(dtype).itemsize
+    step = max(1, min(shape[axis], max_block_bytes // max(other, 1)))
+    block_shape = shape[:axis] + (step,) + shape[axis + 1:]
+
+    def blocks():
+      for lo in range(0, shape[axis], step):
+        hi = min(lo + step, shape[axis])
+        yield (slice(None),) * axis + (slice(lo, hi),), np.asarray(fn(lo, hi), dtype)
+    return cls(shape, dtype, blocks, block_shape)
+
+  @classmethod
+  def computed(cls, shape, dtype, fn: Callable[[], np.ndarray],
+               max_block_bytes: int = DEFAULT_BLOCK_BYTES) -> "LazyArray":
+    """A leaf computed whole by `fn()` at write time (then written in row blocks and dropped)."""
+    shape = tuple(int(s) for s in shape)
+    holder: list = []
+
+    def rows(lo, hi):
+      if not holder:
+        x = np.asarray(fn(), dtype)
+        if x.shape != shape:
+          raise ParamsIOError(f"computed leaf has shape {x.shape}, expected {shape}")
+        holder.append(x)
+      out = holder[0][lo:hi] if shape else holder[0]
+      if hi >= (shape[0] if shape else 1):
+        holder.clear()
+      return out
+    return cls.blocked(shape, dtype, rows, 0, max_block_bytes)
+
+
+class _LazyArrayHandler(type_handlers.NumpyHandler):
+  """Writes LazyArray leaves sequentially, block by block; metadata says 'np.ndarray'."""
+
+  def __init__(self):
+    super().__init__(deepcopy_host_arrays=False)
+
+  async def serialize(self, values, infos, args=None):
+    args = args or [ocp.SaveArgs()] * len(values)
+    return [ocp_future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos, args),
+                                                             name="lazy_array_handler")]
+
+  async def _write_all(self, values, infos, args):
+    for value, info, arg in zip(values, infos, args):
+      await info.await_path_creation()
+      spec = ts_utils.build_array_write_spec(
+          info=info, arg=arg, global_shape=value.shape, local_shape=value.block_shape,
+          dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
+          process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint))
+      t = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+      covered = 0
+      for index, block in value.blocks():
+        block = np.asarray(block, value.dtype)
+        await t[index].write(block)
+        covered += block.size
+        del block
+      if covered != int(np.prod(value.shape, dtype=np.int64)):
+        raise ParamsIOError(f"LazyArray {info.name}: blocks covered {covered} of "
+                            f"{int(np.prod(value.shape))} elements")
+
+
+def _registry():
+  return type_handler_registry.create_type_handler_registry(
+      *type_handler_registry._DEFAULT_TYPE_HANDLERS,  # pylint: disable=protected-access
+      (LazyArray, _LazyArrayHandler()))
+
+
+def save_params(path: str, params: Mapping, model_config: ModelConfig | None = None) -> str:
+  """Writes `<path>/params` (+ model_config.json). Leaves: np/jax arrays or LazyArray.
+
+  Returns the params item directory. Refuses to overwrite an existing one.
+  """
+  path = os.path.abspath(path)
+  item = os.path.join(path, PARAMS_ITEM)
+  if os.path.exists(item):
+    raise ParamsIOError(f"{item} already exists; refusing to overwrite (choose a new output dir)")
+  os.makedirs(path, exist_ok=True)
+  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry())
+  with ocp.Checkpointer(handler) as ckptr:
+    ckptr.save(item, args=ocp.args.PyTreeSave(dict(params)))
+  if model_config is not None:
+    write_model_config(path, model_config)
+  return item
+
+
+def write_model_config(path: str, cfg: ModelConfig) -> None:
+  with open(os.path.join(path, MODEL_CONFIG_FILE), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading.
+
+
+def _is_params_item(d: str) -> bool:
+  return os.path.isfile(os.path.join(d, "_METADATA"))
+
+
+def resolve_params_dir(path: str) -> str:
+  """The Orbax params item for `path`: a save_params dir, a checkpoint step dir, a Checkpointer
+  directory (its latest finished step), or the params item itself."""
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise ParamsIOError(f"{path}: no such directory")
+  if _is_params_item(os.path.join(path, PARAMS_ITEM)):
+    return os.path.join(path, PARAMS_ITEM)
+  if _is_params_item(path):
+    return path
+  steps = sorted(int(c) for c in os.listdir(path)
+                 if c.isdigit() and _is_params_item(os.path.join(path, c, PARAMS_ITEM)))
+  if steps:
+    return os.path.join(path, str(steps[-1]), PARAMS_ITEM)
+  raise ParamsIOError(f"{path}: not a params checkpoint (no {PARAMS_ITEM}/_METADATA, no _METADATA, "
+                      "and no numbered step directories with a params item)")
+
+
+def read_model_config(path: str) -> ModelConfig | None:
+  """The ModelConfig stored next to the params (model_config.json, or a training checkpoint's
+  `config` item), or None if there is none."""
+  item = resolve_params_dir(path)
+  step_dir = os.path.dirname(item)
+  candidates = [(os.path.join(step_dir, MODEL_CONFIG_FILE), None),
+                (os.path.join(step_dir, "config", "metadata"), "model")]
+  for fn, key in candidates:
+    if os.path.isfile(fn):
+      with open(fn) as f:
+        d = json.load(f)
+      if key is not None:
+        if key not in d:
+          continue
+        d = d[key]
+      return ModelConfig.from_dict(d)
+  return None
+
+
+def load_params(path: str, abstract_params: Any = None) -> Any:
+  """Restores the whole param tree. With `abstract_params` (jax.ShapeDtypeStruct leaves, with
+  shardings) arrays land where the train state wants them; without, as host numpy arrays."""
+  item = resolve_params_dir(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    if abstract_params is None:
+      return ckptr.restore(item)
+    return ckptr.restore(item, abstract_params)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafInfo:
+  name: str  # Orbax parameter name ('.'-joined keys)
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  chunk_shape: tuple[int, ...]
+
+
+class ParamsReader:
+  """Reads single leaves or single layer slices of a params item via TensorStore.
+
+  Stacked leaves whose zarr chunks span several layers (e.g. saved from a single device) are
+  read one chunk-band of layers at a time and the band is kept until a slice outside it is asked
+  for, so callers should ask for all layers of one leaf before moving to the next.
+  """
+
+  def __init__(self, path: str):
+    self.item = resolve_params_dir(path)
+    with open(os.path.join(self.item, "_METADATA")) as f:
+      meta = json.load(f)
+    self._use_ocdbt = bool(meta.get("use_ocdbt", True))
+    self._use_zarr3 = bool(meta.get("use_zarr3", False))
+    # No chunk cache (a read allocates its result only); OCDBT B-tree nodes may be cached (small).
+    self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0},
+                                "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}})
+    self.paths: list[tuple[str, ...]] = []
+    for entry in meta["tree_metadata"].values():
+      self.paths.append(tuple(str(k["key"]) for k in entry["key_metadata"]))
+    self._stores: dict[tuple[str, ...], Any] = {}
+    self._band: tuple[tuple[str, ...], int, int, np.ndarray] | None = None
+
+  def _open(self, path: tuple[str, ...]):
+    if path not in self._stores:
+      if path not in self.paths:
+        raise ParamsIOError(f"{self.item}: no parameter {'/'.join(path)}")
+      spec = {
+          "driver": "zarr3" if self._use_zarr3 else "zarr",
+          "kvstore": ts_utils.build_kvstore_tspec(self.item, name=".".join(path), use_ocdbt=self._use_ocdbt),
+          "recheck_cached_data": False, "recheck_cached_metadata": False,
+      }
+      self._stores[path] = ts.open(spec, open=True, read=True, context=self._context).result()
+    return self._stores[path]
+
+  def info(self, path: tuple[str, ...]) -> LeafInfo:
+    t = self._open(path)
+    return LeafInfo(".".join(path), tuple(t.shape), np.dtype(t.dtype.numpy_dtype),
+                    tuple(t.chunk_layout.read_chunk.shape))
+
+  def infos(self) -> dict[tuple[str, ...], LeafInfo]:
+    return {p: self.info(p) for p in self.paths}
+
+  def read(self, path: tuple[str, ...], layer: int | None = None) -> np.ndarray:
+    t = self._open(path)
+    if layer is None:
+      self._band = None
+      return np.asarray(t.read().result())
+    chunk0 = t.chunk_layout.read_chunk.shape[0] or t.shape[0]
+    if chunk0 <= 1:
+      return np.asarray(t[layer].read().result())
+    if self._band is None or self._band[0] != path or not self._band[1] <= layer < self._band[2]:
+      self._band = None  # drop the old band before reading the next
+      lo = (layer // chunk0) * chunk0
+      hi = min(lo + chunk0, t.shape[0])
+      self._band = (path, lo, hi, np.asarray(t[lo:hi].read().result()))
+    return np.array(self._band[3][layer - self._band[1]])
+
+  def close(self):
+    self._stores.clear()
+    self._band = None
+
+
+def abstract_from_reader(reader: ParamsReader, sharding=None) -> dict:
+  """Nested dict of jax.ShapeDtypeStruct for every leaf (for a full restore)."""
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  out: dict = {}
+  for p, info in reader.infos().items():
+    node = out
+    for k in p[:-1]:
+      node = node.setdefault(k, {})
+    node[p[-1]] = jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding)
+  return out
+
