@@ -100,6 +100,20 @@ def test_query_chunked_attention_equals_dense():
     np.testing.assert_allclose(np.asarray(chunked)[1], np.asarray(dense)[1], atol=1e-5)
 
 
+def test_splash_attention_kernel_equals_xla_attention():
+  """The TPU Pallas kernel (run in the interpreter) against the XLA path, values and gradients."""
+  from bagpiper_jax.model import layers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, 200, h, 16)), jnp.float32) for h in (4, 2, 2))
+  seg = jnp.asarray([[1] * 90 + [2] * 100 + [0] * 10], jnp.int32)
+  f_ref = lambda q, k, v: layers.attend(q, k, v, seg)
+  f_splash = lambda q, k, v: layers.splash_attend(q, k, v, seg, interpret=True)
+  np.testing.assert_allclose(f_splash(q, k, v), f_ref(q, k, v), atol=1e-5)
+  loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2)
+  for a, b in zip(jax.grad(loss(f_splash), (0, 1, 2))(q, k, v), jax.grad(loss(f_ref), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, atol=5e-5)
+
+
 def _mixed_batch(cfg: ModelConfig):
   """One row per SPEC: text rows, a continuous-audio span, a delayed codec span; then a 2nd document."""
   enc = cfg.audio_encoder

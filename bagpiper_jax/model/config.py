@@ -88,6 +88,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat_policy: str = "nothing_saveable"  # none | nothing_saveable | dots | dots_no_batch | full
+  attention_impl: str = "xla"  # xla | splash (TPU Pallas kernel) | splash_interpret (CPU tests)
   attention_q_chunk: int = 1024  # query rows per attention block (0: one block, O(L^2) memory)
   loss_chunk_size: int = 1024  # sequence positions per loss chunk (never all logits at once)
   z_loss_weight: float = 0.0

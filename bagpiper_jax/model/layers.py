@@ -126,6 +126,51 @@ def _dense_init(cfg: ModelConfig, axes):
   return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
 
 
+def splash_attend(q, k, v, segment_ids, *, interpret: bool = False, block: int = 512):
+  """TPU flash attention (Pallas splash kernel) with per-document causal masking. Same contract as `attend`.
+
+  GQA runs the kernel's MQA form once per KV head. Under a mesh (the training step's abstract mesh)
+  the kernel runs per shard through shard_map, with batch and heads split as the logical rules say;
+  the length axis is kept whole per shard. `interpret=True` runs the kernel in the Pallas interpreter
+  (CPU tests).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_kernel as sk, splash_attention_mask as sm)
+  b, l, h, d = q.shape
+  blk = min(block, -(-l // 128) * 128)
+  pad = (-l) % blk  # padded rows form their own segment (-1): they attend only to each other
+  if pad:
+    widen = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    q, k, v = widen(q), widen(k), widen(v)
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+  lp = l + pad
+  sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                        block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+
+  def local(q, k, v, seg):
+    bl, _, hl, _ = q.shape
+    kvl = k.shape[2]
+    g = hl // kvl
+    mask = sm.MultiHeadMask([sm.CausalMask((lp, lp))] * g)
+    kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    qq = (q * (d ** -0.5)).transpose(0, 2, 1, 3).reshape(bl, kvl, g, lp, d)
+    kk, vv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    per_head = lambda a, b_, c, s: kernel(a, b_, c, segment_ids=sk.SegmentIds(s, s))
+    out = jax.vmap(jax.vmap(per_head, in_axes=(0, 0, 0, None)))(qq, kk, vv, seg)
+    return out.reshape(bl, hl, lp, d).transpose(0, 2, 1, 3)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    out = local(q, k, v, segment_ids)
+  else:
+    spec = lambda *names: jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes(names))
+    q_spec = spec("batch", None, "heads", None)
+    kv_spec = spec("batch", None, "kv_heads", None)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec("batch", None)),
+                        out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+  return out[:, :l]
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -146,7 +191,13 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
     k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
-    out = attend(q, k, v, segment_ids, cfg.attention_q_chunk).astype(dt)
+    if cfg.attention_impl == "xla":
+      out = attend(q, k, v, segment_ids, cfg.attention_q_chunk).astype(dt)
+    elif cfg.attention_impl in ("splash", "splash_interpret"):
+      out = splash_attend(q, k, v, segment_ids, interpret=cfg.attention_impl == "splash_interpret").astype(dt)
+    else:
+      raise ValueError(f"unknown model.attention_impl {cfg.attention_impl!r}; "
+                       "expected 'xla', 'splash' or 'splash_interpret'")
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     return proj((cfg.hidden_size,), _dense_init(cfg, ("heads", "head_dim", "embed")), in_axes=2,
                 name="o_proj")(out)
