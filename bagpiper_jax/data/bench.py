@@ -148,6 +148,27 @@ def measure(it, *, seconds: float, warmup_batches: int) -> dict[str, float]:
           "batches": batches, "seconds": dt}
 
 
+def stage_costs(sources, cfg, n: int = 50) -> None:
+  """Single-threaded microseconds per document of read / decode / template, per source kind."""
+  from bagpiper_jax.data import pipeline, template  # pylint: disable=g-import-not-at-top
+  for kind in ("und", "gen", "text_only"):
+    name = next(k for k in sorted(sources) if k.endswith(kind))
+    src = pipeline.ShardSource(name, pipeline.shard_paths(name, sources[name]["path"]))
+    m = min(n, len(src))
+    src[0]  # open the reader
+    t0 = time.perf_counter()
+    raw = [src[i][0] for i in range(m)]
+    t1 = time.perf_counter()
+    exs = [records.decode(r) for r in raw]
+    t2 = time.perf_counter()
+    out = [template.template_example(e, cfg) for e in exs]
+    t3 = time.perf_counter()
+    rows = sum(len(o["input_ids"]) for o in out) / m
+    print(f"  {name:10s} read {(t1 - t0) / m * 1e6:6.0f} us  decode {(t2 - t1) / m * 1e6:6.0f} us  "
+          f"template {(t3 - t2) / m * 1e6:6.0f} us  per doc; {rows:.0f} rows/doc, "
+          f"{sum(map(len, raw)) / m / 1e3:.0f} kB/record")
+
+
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -171,6 +192,9 @@ def main(argv):
                         host_batch=f.host_batch, num_workers=f.num_workers, read_threads=f.read_threads,
                         packing_bins=f.packing_bins)
   cfg = ModelConfig()  # 8B vocabulary layout; no parameters are built.
+  if f.stages:
+    print("stage costs (single thread):")
+    stage_costs(sources, cfg)
   it = pipeline.make_train_iterator(config, cfg, process_index=0, process_count=1)
   if f.profile:
     import cProfile  # pylint: disable=g-import-not-at-top
@@ -209,6 +233,7 @@ def _define_flags():
   flags.DEFINE_integer("packing_bins", 32, "best-fit bins per packing round")
   flags.DEFINE_float("seconds", 20.0, "measurement time")
   flags.DEFINE_integer("warmup_batches", 4, "batches before timing starts")
+  flags.DEFINE_bool("stages", True, "print single-threaded read/decode/template costs per document kind")
   flags.DEFINE_bool("profile", False, "cProfile the measured loop (in-process part only)")
 
 

@@ -138,8 +138,19 @@ class ShardSource:
     self.name = name
     self.paths = list(paths)
     self._ds = ArrayRecordDataSource(self.paths)
-    # Per-shard record counts (ArrayRecordDataSource already read them while opening).
-    counts = [ri.num_records for ri in self._ds._read_instructions]  # pylint: disable=protected-access
+    # Per-shard record counts: ArrayRecordDataSource already read them while opening (private
+    # attribute); if a future version hides them, count again shard by shard.
+    try:
+      counts = [ri.num_records for ri in self._ds._read_instructions]  # pylint: disable=protected-access
+    except AttributeError:
+      from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+      counts = []
+      for p in self.paths:
+        r = array_record_module.ArrayRecordReader(p)
+        counts.append(r.num_records())
+        r.close()
+    if len(counts) != len(self.paths) or sum(counts) != len(self._ds):
+      raise RuntimeError(f"source {name!r}: shard record counts {counts} do not add up to {len(self._ds)}")
     self._ends = list(np.cumsum(counts))
     self._len = len(self._ds)
 
