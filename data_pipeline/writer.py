@@ -4,8 +4,9 @@ Output layout under `out_dir`:
 
   <source>/shard-00000-of-00003.array_record        one records.encode(...) per record, in manifest
                                                     order (ArrayRecord group_size:1: random access)
-  <source>/shard-00000-of-00003.array_record.done   completion marker (JSON: fingerprint, counts,
+  <source>/shard-00000-of-00003.done                completion marker (JSON: fingerprint, counts,
                                                     this shard's errors/warnings/token totals)
+  <source>/shard-00000-of-00003.partial-<pid>       being written (renamed when complete)
   index.json      per-source record counts and shard lists, per-category token totals, error and
                   warning counts by kind, tokenizer vocab size, throughput of the last run
   errors.jsonl    one line per skipped record or manifest line: manifest, line, id, source, audio,
@@ -17,8 +18,11 @@ plan depends only on the manifests and the flags. A shard whose marker exists, w
 (item list + build settings + tokenizer file hash) matches, and whose .array_record exists (or that
 had no valid record) is skipped on re-run; the summary files are rebuilt from all markers each run.
 Shards with zero valid records leave only a marker, no .array_record, so readers never open an
-empty file. Readers should take the shard lists from index.json: a re-run with another shard_size
-leaves the old shards in place (reported as `stale_files`).
+empty file. Nothing but finished shards matches `*.array_record*`, so a reader may take a source
+directory as is (bagpiper_jax.data.pipeline does). For the same reason a re-run with another
+shard_size DELETES this writer's old `shard-NNNNN-of-MMMMM.array_record` files (and markers) in the
+source directories it writes, listing them in index.json `removed_stale_files`; one out_dir holds
+the output of one set of manifests.
 
 Errors are per record: an "und,gen" line whose audio is missing counts once in <category>_und and
 once in <category>_gen. Manifest-level problems (bad JSON, unknown direction, ...) count once.
@@ -33,6 +37,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 from typing import Any, Callable, Iterable, Optional
@@ -42,7 +47,7 @@ from data_pipeline import manifest as manifest_lib
 
 FORMAT_VERSION = "bagpiper-records-v1"
 INDEX_FILE, ERRORS_FILE, WARNINGS_FILE = "index.json", "errors.jsonl", "warnings.jsonl"
-MARKER_SUFFIX = ".done"
+_SHARD_RE = re.compile(r"^shard-\d{5}-of-\d{5}\.(array_record|done)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +61,11 @@ class ShardTask:
 
   @property
   def marker(self) -> str:
-    return self.path + MARKER_SUFFIX
+    return self.path[: -len(".array_record")] + ".done"
+
+  @property
+  def partial_prefix(self) -> str:
+    return self.path[: -len(".array_record")] + ".partial-"
 
 
 def shard_name(index: int, count: int) -> str:
@@ -158,9 +167,9 @@ def run_shard(task: ShardTask) -> dict:
     raise RuntimeError(f"worker set-up failed: {type(_INIT_ERROR).__name__}: {_INIT_ERROR}")
   t0 = time.time()
   os.makedirs(os.path.dirname(task.path), exist_ok=True)
-  for stale in glob.glob(glob.escape(task.path) + ".tmp-*"):
+  for stale in glob.glob(glob.escape(task.partial_prefix) + "*"):  # left by a killed run
     os.remove(stale)
-  tmp = f"{task.path}.tmp-{os.getpid()}"
+  tmp = f"{task.partial_prefix}{os.getpid()}"
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   errors, warnings, n = [], [], 0
   stats: dict[str, dict[str, int]] = collections.defaultdict(
@@ -221,7 +230,7 @@ class _Progress:
     eta = (self.total - done) / rate if rate > 0 else float("inf")
     msg = (f"[data_pipeline.write] {done}/{self.total} items ({100.0 * done / max(self.total, 1):.1f}%) "
            f"{rate:.1f} items/s  elapsed {_fmt_secs(dt)}  ETA {_fmt_secs(eta) if eta != float('inf') else '?'}"
-           f"  errors {failed}")
+           f"  skipped {failed}")
     end = "\n" if (final or not self.tty) else ""
     self.stream.write(("\r" if self.tty else "") + msg + end)
     self.stream.flush()
@@ -243,39 +252,56 @@ def write_shards(manifests: Iterable[str], out_dir: str, settings: build_lib.Bui
   Raises only for unusable settings (no manifest, tokenizer not loadable, codes needed but no
   codec); everything wrong with individual lines or files is reported and skipped.
   """
-  manifests = list(manifests)
-  if not manifests:
-    raise ValueError("no --manifest given")
-  t_start = time.time()
-  os.makedirs(out_dir, exist_ok=True)
-  items, line_errors = manifest_lib.read_manifests(manifests, sft_source=sft_source)
-  if settings.codec == "" and any(_needs_codec(it) for it in items):
-    n = sum(_needs_codec(it) for it in items)
-    raise ValueError(f"{n} records need assistant audio codes (direction 'gen' or SFT assistant audio) "
-                     "but --codec is empty; pass --codec=xcodec:<dir> or --codec=npy[:<dir>]")
+  return write_many([(manifests, out_dir)], settings, shard_size=shard_size, num_workers=num_workers,
+                    sft_source=sft_source, progress=progress, log=log)[0]
+
+
+def write_many(jobs: list[tuple[Iterable[str], str]], settings: build_lib.BuildSettings, *,
+               shard_size: int = 1000, num_workers: int = 2, sft_source: str = "sft",
+               progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+  """write_shards for several (manifests, out_dir) jobs sharing one worker pool (one start-up)."""
   from bagpiper_jax.data import codec as codec_lib  # pylint: disable=g-import-not-at-top
   from bagpiper_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
+  t_start = time.time()
   codec_lib.check_codec_spec(settings.codec)
   vocab_size = tokenizer_lib.load_tokenizer(settings.tokenizer).vocab_size  # fail fast, main side
-  tasks = plan_shards(items, out_dir, settings, shard_size)
+  plans = []
+  for manifests, out_dir in jobs:
+    manifests = list(manifests)
+    if not manifests:
+      raise ValueError(f"no --manifest given for {out_dir}")
+    os.makedirs(out_dir, exist_ok=True)
+    items, line_errors = manifest_lib.read_manifests(manifests, sft_source=sft_source)
+    n = sum(_needs_codec(it) for it in items)
+    if settings.codec == "" and n:
+      raise ValueError(f"{n} records need assistant audio codes (direction 'gen' or SFT assistant "
+                       "audio) but --codec is empty; pass --codec=xcodec:<dir> or --codec=npy[:<dir>]")
+    tasks = plan_shards(items, out_dir, settings, shard_size)
+    plans.append((manifests, out_dir, items, line_errors, tasks))
 
   markers: dict[str, dict] = {}
   todo = []
-  for t in tasks:
-    m = _read_marker(t)
-    if m is None:
-      todo.append(t)
-    else:
-      markers[t.path] = m
+  for manifests, out_dir, items, line_errors, tasks in plans:
+    mine = []
+    for t in tasks:
+      m = _read_marker(t)
+      if m is None:
+        mine.append(t)
+      else:
+        markers[t.path] = m
+    todo += mine
+    log(f"[data_pipeline.write] {out_dir}: {len(items)} items from {len(manifests)} manifest(s), "
+        f"{len(line_errors)} bad lines; {len(tasks)} shards, {len(tasks) - len(mine)} already done, "
+        f"{len(mine)} to write ({sum(len(t.items) for t in mine)} items)")
   n_todo = sum(len(t.items) for t in todo)
-  log(f"[data_pipeline.write] {len(items)} items from {len(manifests)} manifest(s), {len(line_errors)} "
-      f"bad lines; {len(tasks)} shards, {len(tasks) - len(todo)} already done, {len(todo)} to write "
-      f"({n_todo} items) with {max(num_workers, 1)} worker(s)")
 
   bar = _Progress(n_todo, enabled=progress)
-  shard_failures = []
+  failures: dict[str, BaseException] = {}
   t_run = time.time()
   if todo:
+    # Biggest shards first, so the pool does not end waiting on one long straggler.
+    todo.sort(key=lambda t: -len(t.items))
     if num_workers <= 1:
       done, failed = mp.Value("l", 0, lock=True), mp.Value("l", 0, lock=True)
       _init_worker(settings, done, failed)
@@ -283,7 +309,7 @@ def write_shards(manifests: Iterable[str], out_dir: str, settings: build_lib.Bui
         try:
           markers[t.path] = run_shard(t)
         except Exception as e:  # e.g. disk full: report, leave no marker, so a re-run retries it
-          shard_failures.append((t, e))
+          failures[t.path] = e
         bar.update(done.value, failed.value)
     else:
       ctx = mp.get_context("spawn")  # fork is unsafe once JAX/torch threads exist in the parent
@@ -298,21 +324,53 @@ def write_shards(manifests: Iterable[str], out_dir: str, settings: build_lib.Bui
           try:
             markers[t.path] = r.get()
           except Exception as e:
-            shard_failures.append((t, e))
+            failures[t.path] = e
     bar.update(done.value, failed.value, final=True)
   run_seconds = time.time() - t_run
+  build_seconds = sum(markers[t.path]["seconds"] for t in todo if t.path in markers)
 
-  index = _summarise(tasks, markers, line_errors, shard_failures, out_dir, settings, manifests,
-                     vocab_size, n_todo, run_seconds, time.time() - t_start)
-  errs = index["errors"]
-  log(f"[data_pipeline.write] {index['num_records']} records in {len(index['sources'])} sources; "
-      f"{errs['total']} errors {dict(errs['by_kind'])}; {index['warnings']['total']} warnings; "
-      f"{n_todo} items in {run_seconds:.1f}s -> {os.path.join(out_dir, INDEX_FILE)}")
-  return index
+  indexes = []
+  for manifests, out_dir, items, line_errors, tasks in plans:
+    removed_stale = _remove_stale(tasks, out_dir, log)
+    shard_failures = [(t, failures[t.path]) for t in tasks if t.path in failures]
+    run = {"items_built": n_todo, "seconds": round(run_seconds, 3),
+           "items_per_s": round(n_todo / run_seconds, 2) if run_seconds > 0 and n_todo else None,
+           "worker_build_seconds": round(build_seconds, 3),
+           "items_per_s_per_worker_excl_startup":
+               round(n_todo / build_seconds, 2) if build_seconds > 0 and n_todo else None,
+           "num_workers": max(num_workers, 1), "total_seconds": round(time.time() - t_start, 3)}
+    index = _summarise(tasks, markers, line_errors, shard_failures, out_dir, settings, manifests,
+                       vocab_size, run, removed_stale)
+    errs = index["errors"]
+    log(f"[data_pipeline.write] {out_dir}: {index['num_records']} records in {len(index['sources'])} "
+        f"sources; {errs['total']} errors {dict(errs['by_kind'])}; {index['warnings']['total']} "
+        f"warnings -> {os.path.join(out_dir, INDEX_FILE)}")
+    indexes.append(index)
+  if n_todo:
+    log(f"[data_pipeline.write] built {n_todo} items in {run_seconds:.1f}s ({n_todo / run_seconds:.1f} "
+        f"items/s incl. worker start-up; {n_todo / max(build_seconds, 1e-9):.1f} items/s per worker "
+        "once started)")
+  return indexes
+
+
+def _remove_stale(tasks: list[ShardTask], out_dir: str, log) -> list[str]:
+  """Deletes this writer's shard files/markers not in the plan, in the source dirs of the plan."""
+  keep = {os.path.abspath(p) for t in tasks for p in (t.path, t.marker)}
+  removed = []
+  for d in sorted({os.path.dirname(t.path) for t in tasks}):
+    for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+      p = os.path.abspath(os.path.join(d, name))
+      if _SHARD_RE.match(name) and p not in keep:
+        os.remove(p)
+        removed.append(os.path.relpath(p, out_dir))
+  if removed:
+    log(f"[data_pipeline.write] removed {len(removed)} stale shard file(s) of an earlier plan "
+        f"(other --shard_size or manifests): {removed[:4]}{' ...' if len(removed) > 4 else ''}")
+  return removed
 
 
 def _summarise(tasks, markers, line_errors, shard_failures, out_dir, settings, manifests, vocab_size,
-               n_todo, run_seconds, total_seconds) -> dict:
+               run, removed_stale) -> dict:
   errors = list(line_errors)
   warnings = []
   sources: dict[str, dict] = collections.OrderedDict()
@@ -343,10 +401,6 @@ def _summarise(tasks, markers, line_errors, shard_failures, out_dir, settings, m
                                        audio=it.audio_path()))
   for c in categories.values():
     c["total_rows"] = c["text_tokens"] + c["audio_rows"]
-  planned = {os.path.abspath(t.path) for t in tasks}
-  stale = sorted(os.path.relpath(p, out_dir)
-                 for p in glob.glob(os.path.join(glob.escape(out_dir), "*", "*.array_record"))
-                 if os.path.abspath(p) not in planned)
   with open(os.path.join(out_dir, ERRORS_FILE), "w") as f:
     for e in errors:
       f.write(json.dumps(e, sort_keys=True) + "\n")
@@ -367,10 +421,8 @@ def _summarise(tasks, markers, line_errors, shard_failures, out_dir, settings, m
                    "by_kind": dict(collections.Counter(w["kind"] for w in warnings)),
                    "file": WARNINGS_FILE},
       "incomplete_shards": [os.path.relpath(t.path, out_dir) for t, _ in shard_failures],
-      "stale_files": stale,
-      "last_run": {"items_built": n_todo, "seconds": round(run_seconds, 3),
-                   "items_per_s": round(n_todo / run_seconds, 2) if run_seconds > 0 and n_todo else None,
-                   "total_seconds": round(total_seconds, 3)},
+      "removed_stale_files": removed_stale,
+      "last_run": run,
   }
   _atomic_json(os.path.join(out_dir, INDEX_FILE), index)
   return index
