@@ -1,0 +1,42 @@
+"""Small helpers shared by the conversion CLIs (hf_init, release)."""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+
+from bagpiper_jax.model.config import ModelConfig
+
+
+def peak_rss_bytes() -> int:
+  """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
+  kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return int(kib) * (1 if sys.platform == "darwin" else 1024)
+
+
+def report_peak_rss(what: str) -> int:
+  """Prints `peak RSS` on stdout (the README figures and the memory tests read this line)."""
+  peak = peak_rss_bytes()
+  print(f"[{what}] peak RSS: {peak / 2**20:.0f} MiB ({peak} bytes)", flush=True)
+  return peak
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(s: str) -> int:
+  """'5GB' -> 5e9, '500MiB' -> 500 * 2**20, '1234' -> 1234 (HF's max_shard_size convention)."""
+  m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(s))
+  if not m or m.group(2).upper() not in _UNITS:
+    raise ValueError(f"cannot parse size {s!r}; use e.g. 5GB, 500MB, 2GiB or a byte count")
+  return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def model_config_from_flag(config) -> ModelConfig | None:
+  """The `model` section of an ml_collections config (from --config=configs/x.py), or None."""
+  if config is None:
+    return None
+  if "model" not in config:
+    raise ValueError("--config has no 'model' section")
+  return ModelConfig.from_dict(config.model)
