@@ -227,10 +227,9 @@ class _Progress:
     self.last = now
     dt = max(now - self.t0, 1e-9)
     rate = done / dt
-    eta = (self.total - done) / rate if rate > 0 else float("inf")
+    eta = _fmt_secs((self.total - done) / rate) if rate > 0 else "?"
     msg = (f"[data_pipeline.write] {done}/{self.total} items ({100.0 * done / max(self.total, 1):.1f}%) "
-           f"{rate:.1f} items/s  elapsed {_fmt_secs(dt)}  ETA {_fmt_secs(eta) if eta != float('inf') else '?'}"
-           f"  skipped {failed}")
+           f"{rate:.1f} items/s  elapsed {_fmt_secs(dt)}  ETA {eta}  skipped {failed}")
     end = "\n" if (final or not self.tty) else ""
     self.stream.write(("\r" if self.tty else "") + msg + end)
     self.stream.flush()

@@ -468,7 +468,9 @@ def _locked(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _stamp_ok(path: str, want: dict) -> bool:
+def _stamp_ok(path: str, want: dict, *, needs: tuple = ()) -> bool:
+  if not all(os.path.exists(p) for p in needs):
+    return False
   try:
     with open(path) as f:
       have = json.load(f)
@@ -496,10 +498,11 @@ def ensure_demo_shards(out_dir: str, *, num_clips: int = DEFAULT_NUM_CLIPS, seed
   shard_root = os.path.join(out_dir, "shards")
   want = {"version": DEMO_VERSION, "seed": seed, "num_clips": num_clips}
   done_stamp = os.path.join(shard_root, "demo_shards.json")
-  if _stamp_ok(done_stamp, want):
+  needs = tuple(os.path.join(shard_root, s, "index.json") for s in ("train", "eval"))
+  if _stamp_ok(done_stamp, want, needs=needs):
     return shard_root
   with _locked(os.path.join(out_dir, ".lock")):
-    if _stamp_ok(done_stamp, want):  # another process finished while we waited
+    if _stamp_ok(done_stamp, want, needs=needs):  # another process finished while we waited
       return shard_root
     if _stamp_ok(os.path.join(out_dir, "demo.json"), want):
       with open(os.path.join(out_dir, "demo.json")) as f:
@@ -508,7 +511,11 @@ def ensure_demo_shards(out_dir: str, *, num_clips: int = DEFAULT_NUM_CLIPS, seed
       paths = make_demo_data(out_dir, num_clips=num_clips, seed=seed)
     xcodec_dir = os.path.join(out_dir, "xcodec_tiny")
     if not os.path.isfile(os.path.join(xcodec_dir, "config.json")):
-      codec_lib.build_tiny_xcodec(xcodec_dir, seed=0)
+      try:
+        codec_lib.build_tiny_xcodec(xcodec_dir, seed=0)
+      except ImportError as e:
+        raise ImportError(f"the demo's audio codes need torch + transformers (pip install -e "
+                          f"'.[torch]'): {e}") from e
     settings = build_lib.BuildSettings(tokenizer=paths.tokenizer, codec=f"xcodec:{xcodec_dir}")
     summary = {}
     splits = ("train", "eval")

@@ -99,9 +99,10 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str, vocab_size: int, 
   """Trains a SentencePiece model on `texts`; returns the path of `<out_prefix>.model`.
 
   BPE by default: on small, repetitive corpora (the demo's captions) unigram keeps few whole words
-  and spells common ones out in characters; BPE merges them. Byte fallback is on (any UTF-8 text encodes without <unk>), there are no BOS/EOS/pad pieces (the
-  unified specials play those roles), and `vocab_size` is an upper bound: a small corpus gets a
-  smaller vocabulary instead of a training error. Single-threaded and seeded, so the same texts give
+  and spells common ones out in characters; BPE merges them. Byte fallback is on (any UTF-8 text
+  encodes without <unk>), there are no BOS/EOS/pad pieces (the unified specials play those roles),
+  and `vocab_size` is an upper bound: a small corpus gets a smaller vocabulary instead of a
+  training error. Single-threaded and seeded, so the same texts give
   the same model file.
   """
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
