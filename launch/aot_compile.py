@@ -1,0 +1,296 @@
+r"""Compile the real train step for a TPU pod on a CPU-only host, and say whether it fits in HBM.
+
+  python -m launch.aot_compile --config=configs/bagpiper_8b.py:pretrain --topology=v5p-128
+  python -m launch.aot_compile --config=configs/bagpiper_8b.py:sft --topology=v5p-128 --num_slices=2
+  python -m launch.aot_compile --config=configs/bagpiper_8b.py --topology=v6e-256 \
+      --config.data.per_device_batch=1 --config.model.remat_policy=full --report_json=/tmp/r.json
+
+Why: finding out that a config runs out of HBM, or that an axis does not divide, after a pod has
+been booked wastes the booking. With the `libtpu` package installed, `jax.experimental.topologies`
+hands out compile-only devices of any slice shape; we build the training mesh from them
+(`sharding.make_mesh(config, devices=...)`), take the train step from `trainer.build_train_step`
+(the same function the training run jits, so the compiled program is the one that would run) and
+compile it with abstract inputs only. XLA's TPU compiler does the real memory assignment, so the
+numbers below are the ones the chip would see; a program that cannot fit fails to compile with
+RESOURCE_EXHAUSTED, which we report as "does not fit" too.
+
+Report (per chip = per JAX device; v4/v5p megacore chips are one device):
+  memory     arguments (params + optimizer state + batch shard), outputs, aliased (donated state
+             reused in place, counted once), temporaries (activations, gradients, collectives
+             buffers), generated code; total = arguments + outputs - aliased + temps + code,
+             against the chip's HBM (launch/topology.py).
+  FLOPs      model FLOPs of the step (`metrics.train_flops_per_step`: matmul FLOPs, what MFU
+             counts); executed FLOPs (matmuls/convs of the traced step, backward and remat
+             recompute included, every scan times its length: launch/flop_count.py); and XLA's
+             `cost_analysis()` of the compiled per-device program, which counts each while-loop
+             body once and so is only a lower bound for our scanned layers / chunked loss.
+  estimate   at an assumed MFU (--assumed_mfu): step time = model FLOPs per chip / (peak * MFU),
+             tokens/s, and the hardware utilisation that step time would need for the executed
+             FLOPs (must be < 100% for the assumption to be possible). With --step_time (measured
+             seconds per step on the pod) it prints the MFU that step time means instead.
+
+Exit status: 0 fits; 3 does not fit (or XLA ran out of memory while compiling); anything else is
+an error (bad flag, bad config, mesh that does not divide ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # never grab local accelerators: we compile only
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from launch import flop_count  # noqa: E402
+from launch import topology as topology_lib  # noqa: E402
+
+NOT_FIT_EXIT = 3
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/bagpiper_8b.py:pretrain.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-128, v6e-256, v5e-16, v4-32, v5p:4x4x12.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice over DCN).")
+_ASSUMED_MFU = flags.DEFINE_float("assumed_mfu", 0.4, "MFU assumed for the step-time estimate.")
+_STEP_TIME = flags.DEFINE_float("step_time", 0.0, "Measured seconds per step on the pod (optional): "
+                                "print the MFU it implies.")
+_REPORT_JSON = flags.DEFINE_string("report_json", "", "Also write the report as JSON to this path.")
+_DUMP_HLO = flags.DEFINE_string("dump_hlo", "", "Write the optimized per-device HLO text to this path.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation.
+
+
+def prepare_config(config, topo: topology_lib.Topology) -> list[str]:
+  """Adjusts config.mesh.dcn for multi-slice when the config leaves it all 1. Returns notes."""
+  notes = []
+  dcn = dict(config.mesh.dcn)
+  if topo.num_slices > 1 and math.prod(int(v) for v in dcn.values() if int(v) != -1) == 1 \
+      and -1 not in dcn.values():
+    with config.unlocked():
+      config.mesh.dcn.data = topo.num_slices
+    notes.append(f"config.mesh.dcn was all 1; set mesh.dcn.data={topo.num_slices} (pure data parallelism "
+                 "across slices). Pass --config.mesh.dcn.<axis>=N to choose otherwise.")
+  return notes
+
+
+def compile_train_step(config, topo: topology_lib.Topology):
+  """(compiled, mesh, abstract_state, abstract_batch, jaxpr FLOP count, timings) for `config` on `topo`."""
+  from bagpiper_jax import sharding, trainer  # pylint: disable=g-import-not-at-top
+  devices = topology_lib.devices(topo)
+  mesh = sharding.make_mesh(config, devices=devices)
+  t0 = time.time()
+  step_fn, abstract_state, _, abstract_batch, _ = trainer.build_train_step(config, mesh)
+  traced = step_fn.trace(abstract_state, abstract_batch)
+  counted = flop_count.count_traced(traced)
+  lowered = traced.lower()
+  t1 = time.time()
+  compiled = lowered.compile()
+  timing = {"lower_s": t1 - t0, "compile_s": time.time() - t1}
+  return compiled, mesh, abstract_state, abstract_batch, counted, timing
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+  s = f"{type(e).__name__}: {e}"
+  return "RESOURCE_EXHAUSTED" in s or "Ran out of memory" in s or "exceeds the memory" in s
+
+
+def oom_summary(e: BaseException) -> str:
+  """The lines of XLA's out-of-memory message that say how much (the full text can be pages)."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  keep = [l for l in lines if re.search(r"(Ran out of memory|Used .* of .*hbm|Exceeded .*capacity|"
+                                         r"Total hbm usage|RESOURCE_EXHAUSTED|program hbm requirement)", l, re.I)]
+  return "\n".join((keep or lines)[:8])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports.
+
+
+def _per_device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard, to be safe)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def memory_report(compiled, chip: topology_lib.Chip, abstract_state=None, abstract_batch=None) -> dict:
+  m = compiled.memory_analysis()
+  if m is None:
+    raise RuntimeError("compiled.memory_analysis() returned None (this backend gives no memory analysis)")
+  r = {
+      "arguments": int(m.argument_size_in_bytes),
+      "outputs": int(m.output_size_in_bytes),
+      "aliased": int(m.alias_size_in_bytes),
+      "temps": int(m.temp_size_in_bytes),
+      "code": int(m.generated_code_size_in_bytes),
+  }
+  r["total"] = r["arguments"] + r["outputs"] - r["aliased"] + r["temps"] + r["code"]
+  r["hbm"] = int(chip.hbm_bytes)
+  r["fits"] = r["total"] <= r["hbm"]
+  r["headroom"] = r["hbm"] - r["total"]
+  if abstract_state is not None:
+    r["state_expected"] = _per_device_bytes(abstract_state)  # from the shardings, as a cross-check
+  if abstract_batch is not None:
+    r["batch_expected"] = _per_device_bytes(abstract_batch)
+  return r
+
+
+def _cost_dict(compiled) -> dict:
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):  # older jax: one dict per program
+    ca = ca[0] if ca else {}
+  return dict(ca or {})
+
+
+def layers_trainable(config) -> bool:
+  """Whether the decoder layers get gradients in this stage (warmup freezes them)."""
+  from bagpiper_jax import optim, trainer  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  params, _ = trainer.param_specs(config)
+  mask = traverse_util.flatten_dict(optim.trainable_mask(config, params))
+  return any(v for k, v in mask.items() if k[0] == "layers")
+
+
+def flops_report(compiled, counted: flop_count.FlopCount, config, abstract_batch, num_chips: int, peak: float,
+                 assumed_mfu: float, step_time: float = 0.0) -> dict:
+  from bagpiper_jax import metrics, trainer  # pylint: disable=g-import-not-at-top
+  ids = abstract_batch["input_ids"]
+  micro, rows, seq_len = int(ids.shape[0]), int(ids.shape[1]), int(ids.shape[2])
+  windows = int(abstract_batch["audio_mel"].shape[2]) if "audio_mel" in abstract_batch else 0
+  cfg = trainer.model_config(config)
+  model_flops = metrics.train_flops_per_step(cfg, rows=micro * rows, seq_len=seq_len, audio_windows=windows,
+                                             layers_trainable=layers_trainable(config))
+  cost = _cost_dict(compiled)
+  compiled_flops = float(cost.get("flops", float("nan")))
+  tokens = micro * rows * seq_len
+  r = {
+      "global_rows": micro * rows, "seq_len": seq_len, "tokens_per_step": tokens, "audio_windows": windows,
+      "xla_cost_flops_per_chip": compiled_flops,  # while-loop bodies counted once (see flop_count.py)
+      "executed_flops_per_step": counted.flops,  # jaxpr matmul/conv FLOPs, loops x trip count
+      "executed_flops_per_chip": counted.flops / num_chips,
+      "unknown_trip_loops": counted.unknown_trip_loops,
+      "model_flops_per_step": model_flops,
+      "model_flops_per_chip": model_flops / num_chips,
+      "executed_over_model": counted.flops / model_flops,
+      "bytes_accessed_per_chip": float(cost.get("bytes accessed", float("nan"))),
+      "peak_flops_per_chip": peak,
+      "assumed_mfu": assumed_mfu,
+  }
+  t = r["model_flops_per_chip"] / (peak * assumed_mfu)
+  r["est_step_time_s"] = t
+  r["est_tokens_per_s"] = tokens / t
+  r["est_tokens_per_s_per_chip"] = tokens / t / num_chips
+  r["est_hardware_utilisation"] = r["executed_flops_per_chip"] / (peak * t)  # > 1: assumed MFU impossible
+  if step_time > 0:
+    r["measured_step_time_s"] = step_time
+    r["measured_mfu"] = r["model_flops_per_chip"] / (peak * step_time)
+  return r
+
+
+def _gib(x: float) -> str:
+  if abs(x) < topology_lib.GIB:
+    return f"{x / 2**20:8.2f} MiB"
+  return f"{x / topology_lib.GIB:8.2f} GiB"
+
+
+def format_report(rep: dict) -> str:
+  out = [f"AOT compile: {rep['config']} on {rep['topology']}",
+         f"  mesh {rep['mesh']}  ({rep['num_chips']} chips, {rep['chip']}, device kind {rep['device_kind']!r})"]
+  out += [f"  note: {n}" for n in rep.get("notes", [])]
+  if "timing" in rep:
+    out.append(f"  lower {rep['timing']['lower_s']:.1f} s, compile {rep['timing']['compile_s']:.1f} s")
+  m = rep.get("memory")
+  if m is None:
+    out.append(f"  DOES NOT FIT: XLA ran out of memory while compiling:\n    "
+               + rep["oom"].replace("\n", "\n    "))
+    return "\n".join(out)
+  out.append("  per-chip memory (compiled.memory_analysis):")
+  out.append(f"    arguments {_gib(m['arguments'])}" + (
+      f"   (state shards {_gib(m['state_expected']).strip()}, batch shard {_gib(m['batch_expected']).strip()})"
+      if "state_expected" in m else ""))
+  out.append(f"    outputs   {_gib(m['outputs'])}")
+  out.append(f"    aliased   {_gib(m['aliased'])}   (donated state reused in place)")
+  out.append(f"    temps     {_gib(m['temps'])}")
+  out.append(f"    code      {_gib(m['code'])}")
+  out.append(f"    total     {_gib(m['total'])}   of {_gib(m['hbm']).strip()} HBM -> "
+             + (f"FITS ({100 * m['total'] / m['hbm']:.1f}% used, {_gib(m['headroom']).strip()} free)"
+                if m["fits"] else f"DOES NOT FIT (over by {_gib(-m['headroom']).strip()})"))
+  f = rep["flops"]
+  out.append(f"  step: {f['global_rows']} rows x {f['seq_len']} tokens = {f['tokens_per_step']:,} tokens, "
+             f"{f['audio_windows']} audio windows per row")
+  out.append(f"  FLOPs per chip per step: model {f['model_flops_per_chip']:.4g} (metrics.train_flops_per_step); "
+             f"executed {f['executed_flops_per_chip']:.4g} (jaxpr matmuls incl. remat recompute, "
+             f"{f['executed_over_model']:.2f}x model); XLA cost analysis {f['xla_cost_flops_per_chip']:.4g} "
+             "(counts each loop body once: a lower bound)")
+  if f["unknown_trip_loops"]:
+    out.append(f"  note: {f['unknown_trip_loops']} while loops with data-dependent trip counts counted once")
+  out.append(f"  at an assumed MFU of {100 * f['assumed_mfu']:.0f}% (peak {f['peak_flops_per_chip'] / 1e12:.0f} "
+             f"TFLOP/s/chip): step {f['est_step_time_s']:.4g} s, {f['est_tokens_per_s']:,.0f} tokens/s "
+             f"({f['est_tokens_per_s_per_chip']:,.0f} per chip); the executed FLOPs would then run at "
+             f"{100 * f['est_hardware_utilisation']:.0f}% of peak"
+             + (" (impossible: lower --assumed_mfu)" if f["est_hardware_utilisation"] > 1 else ""))
+  if "measured_mfu" in f:
+    out.append(f"  measured step time {f['measured_step_time_s']:.3f} s -> MFU {100 * f['measured_mfu']:.1f}%")
+  return "\n".join(out)
+
+
+def run(config, topology: str, num_slices: int = 1, *, assumed_mfu: float = 0.4, step_time: float = 0.0,
+        config_name: str = "", dump_hlo: str = "") -> dict:
+  """Compiles and returns the report dict (rep['fits'] says whether it fits)."""
+  topo = topology_lib.parse(topology, num_slices)
+  notes = prepare_config(config, topo)
+  rep: dict[str, Any] = {"config": config_name or "<config>", "topology": topo.describe(), "num_chips": topo.num_chips,
+                         "chip": topo.chip.name, "notes": notes, "stage": str(config.get("stage", ""))}
+  try:
+    compiled, mesh, abstract_state, abstract_batch, counted, timing = compile_train_step(config, topo)
+  except Exception as e:  # pylint: disable=broad-except
+    if not is_out_of_memory(e):
+      raise
+    from bagpiper_jax import sharding  # pylint: disable=g-import-not-at-top
+    mesh = sharding.make_mesh(config, devices=topology_lib.devices(topo))
+    rep.update(mesh=dict(mesh.shape), device_kind=mesh.devices.flat[0].device_kind, fits=False,
+               oom=oom_summary(e), memory=None)
+    return rep
+  rep["mesh"] = dict(mesh.shape)
+  rep["device_kind"] = mesh.devices.flat[0].device_kind
+  rep["timing"] = timing
+  rep["memory"] = memory_report(compiled, topo.chip, abstract_state, abstract_batch)
+  rep["flops"] = flops_report(compiled, counted, config, abstract_batch, topo.num_chips, topo.chip.peak_bf16_flops,
+                              assumed_mfu, step_time)
+  rep["fits"] = rep["memory"]["fits"]
+  if dump_hlo:
+    with open(dump_hlo, "w") as f:
+      f.write(compiled.as_text())
+  return rep
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if _CONFIG.value is None or not _TOPOLOGY.value:
+    raise app.UsageError("--config and --topology are required, e.g. "
+                         "--config=configs/bagpiper_8b.py:pretrain --topology=v5p-128")
+  rep = run(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, assumed_mfu=_ASSUMED_MFU.value,
+            step_time=_STEP_TIME.value, config_name=config_flags.get_config_filename(flags.FLAGS["config"]),
+            dump_hlo=_DUMP_HLO.value)
+  print(format_report(rep), flush=True)
+  if _REPORT_JSON.value:
+    with open(_REPORT_JSON.value, "w") as f:
+      json.dump(rep, f, indent=1, default=str)
+  if not rep["fits"]:
+    sys.exit(NOT_FIT_EXIT)
+
+
+if __name__ == "__main__":
+  app.run(main)
