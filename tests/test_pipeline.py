@@ -413,3 +413,18 @@ def test_missing_source_is_a_clear_error(tmp_path):
     pipeline.make_train_iterator(config, CFG, process_index=0, process_count=1)
   with pytest.raises(ValueError, match="train_sources is empty"):
     pipeline.make_train_iterator(config_for(), CFG, process_index=0, process_count=1)
+
+
+def test_bench_mixture_smoke(tmp_path):
+  """The benchmark's synthetic pretraining sources go through the real 8B layout and budgets."""
+  sources = bench.write_pretrain_sources(str(tmp_path / "bench"), records_per_source=3, shards_per_source=1)
+  config = bench.bench_config(sources, seq_len=8192, max_audio_windows=32, host_batch=2, num_workers=0,
+                              read_threads=2, packing_bins=2)
+  cfg = mc.ModelConfig()
+  it = pipeline.make_train_iterator(config, cfg, process_index=0, process_count=1)
+  r = bench.measure(it, seconds=0.2, warmup_batches=1)
+  assert r["batches"] >= 1 and r["tokens_per_s"] > 0
+  b = next(it)
+  batch_lib.validate_batch(b, cfg)
+  assert (b["audio_rows"] >= 0).any() and (b["input_ids"][..., 1:] >= cfg.codec_start).any()
+  assert set(pipeline.pipeline_stats(it)["docs_by_source"]) == set(config_lib.PRETRAIN_MIXTURE)

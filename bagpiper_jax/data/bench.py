@@ -28,6 +28,9 @@ from bagpiper_jax.data import records
 # An 8B v5p host: 4 chips x 459 TFLOP/s x 50% MFU / (6 x 8.27e9 FLOP per token) ~= 18.5k tokens/s.
 HOST_NEED_TOKENS_PER_S = 20_000
 TARGET_TOKENS_PER_S = 200_000
+# What data_pipeline/writer.py uses (default compression). "group_size:1,uncompressed" reads und
+# records (~0.4 MB of float16 mel each, which barely compresses) about 2.5x faster.
+WRITER_OPTIONS = "group_size:1"
 
 # --------------------------------------------------------------------------------------------
 # Synthetic records (shared with the tests).
@@ -77,7 +80,7 @@ def pretrain_example_fn(source: str) -> Callable[..., dict[str, Any]]:
 
 
 def write_shards(directory: str, examples: Iterable[dict[str, Any] | bytes], num_shards: int,
-                 prefix: str = "part") -> list[str]:
+                 prefix: str = "part", options: str = WRITER_OPTIONS) -> list[str]:
   """Writes examples, in order and in contiguous blocks, into `num_shards` ArrayRecord files.
 
   Accepts already-encoded bytes too (to plant bad records). Returns the shard paths in order.
@@ -89,7 +92,7 @@ def write_shards(directory: str, examples: Iterable[dict[str, Any] | bytes], num
   paths = []
   for s in range(num_shards):
     path = os.path.join(directory, f"{prefix}-{s:05d}-of-{num_shards:05d}.array_record")
-    w = ArrayRecordWriter(path, "group_size:1")
+    w = ArrayRecordWriter(path, options)
     for ex in items[s * per:(s + 1) * per]:
       w.write(ex if isinstance(ex, bytes) else records.encode(ex))
     w.close()
@@ -98,7 +101,8 @@ def write_shards(directory: str, examples: Iterable[dict[str, Any] | bytes], num
 
 
 def write_pretrain_sources(root: str, records_per_source: int, shards_per_source: int, seed: int = 0,
-                           mixture: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+                           mixture: dict[str, float] | None = None,
+                           options: str = WRITER_OPTIONS) -> dict[str, dict[str, Any]]:
   """One shard directory per pretraining subset; returns config.data.train_sources for them."""
   if mixture is None:
     from bagpiper_jax.config_lib import PRETRAIN_MIXTURE  # pylint: disable=g-import-not-at-top
@@ -108,7 +112,8 @@ def write_pretrain_sources(root: str, records_per_source: int, shards_per_source
     rng = np.random.default_rng([seed, k])
     fn = pretrain_example_fn(name)
     d = os.path.join(root, name)
-    write_shards(d, (fn(rng, i, name) for i in range(records_per_source)), shards_per_source)
+    write_shards(d, (fn(rng, i, name) for i in range(records_per_source)), shards_per_source,
+                 options=options)
     sources[name] = {"path": d, "weight": weight}
   return sources
 
@@ -175,15 +180,18 @@ def main(argv):
   from bagpiper_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from bagpiper_jax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  root = f.data_dir or tempfile.mkdtemp(prefix="bagpiper_bench_")
-  marker = os.path.join(root, f"DONE_{f.records_per_source}_{f.shards_per_source}")
+  root = os.path.join(f.data_dir or tempfile.mkdtemp(prefix="bagpiper_bench_"),
+                      f"{f.records_per_source}x{f.shards_per_source}_"
+                      f"{f.writer_options.replace(':', '-').replace(',', '_')}")
+  marker = os.path.join(root, "DONE")
   t0 = time.perf_counter()
   if os.path.exists(marker):
     from bagpiper_jax.config_lib import PRETRAIN_MIXTURE  # pylint: disable=g-import-not-at-top
     sources = {n: {"path": os.path.join(root, n), "weight": w} for n, w in PRETRAIN_MIXTURE.items()}
     print(f"reusing synthetic shards in {root}")
   else:
-    sources = write_pretrain_sources(root, f.records_per_source, f.shards_per_source)
+    sources = write_pretrain_sources(root, f.records_per_source, f.shards_per_source,
+                                     options=f.writer_options)
     open(marker, "w").close()
     size = sum(os.path.getsize(os.path.join(dp, fn)) for dp, _, fns in os.walk(root) for fn in fns)
     print(f"wrote {len(sources)} sources x {f.records_per_source} records ({size / 2**20:.0f} MiB) "
@@ -210,6 +218,7 @@ def main(argv):
     it.close()
   print(f"settings: seq_len={f.seq_len} max_audio_windows={f.max_audio_windows} host_batch={f.host_batch} "
         f"num_workers={f.num_workers} read_threads={f.read_threads} packing_bins={f.packing_bins} "
+        f"writer_options={f.writer_options} "
         f"cpus={os.cpu_count()}")
   print(f"packed tokens/s per host: {r['tokens_per_s']:,.0f}  ({r['batches']} batches in {r['seconds']:.1f}s, "
         f"fill {r['fill']:.3f})")
@@ -222,15 +231,17 @@ def main(argv):
 
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from bagpiper_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("data_dir", "", "where to write (or reuse) the synthetic shards; default a new tmp dir")
   flags.DEFINE_integer("records_per_source", 200, "synthetic records per source (repeated as epochs)")
   flags.DEFINE_integer("shards_per_source", 4, "ArrayRecord shards per source")
+  flags.DEFINE_string("writer_options", WRITER_OPTIONS, "ArrayRecordWriter options of the synthetic shards")
   flags.DEFINE_integer("seq_len", 8192, "packed row length")
   flags.DEFINE_integer("max_audio_windows", 32, "encoder windows per row")
   flags.DEFINE_integer("host_batch", 4, "rows per host batch (v5p host: 4 chips x 1)")
   flags.DEFINE_integer("num_workers", 0, "grain mp_prefetch worker processes (0 = in process)")
-  flags.DEFINE_integer("read_threads", 4, "threads reading + templating records")
-  flags.DEFINE_integer("packing_bins", 32, "best-fit bins per packing round")
+  flags.DEFINE_integer("read_threads", pipeline.DEFAULT_READ_THREADS, "threads reading + templating records")
+  flags.DEFINE_integer("packing_bins", pipeline.DEFAULT_PACKING_BINS, "best-fit bins per packing round")
   flags.DEFINE_float("seconds", 20.0, "measurement time")
   flags.DEFINE_integer("warmup_batches", 4, "batches before timing starts")
   flags.DEFINE_bool("stages", True, "print single-threaded read/decode/template costs per document kind")
