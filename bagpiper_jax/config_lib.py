@@ -66,6 +66,10 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.data.per_device_batch = 1
   c.data.shuffle_seed = 0
   c.data.num_workers = 0
+  c.data.host_batch = 0  # rows per host batch; 0 = per_device_batch x jax.local_device_count()
+  c.data.packing_bins = 0  # best-fit bins per packing round (0 = pipeline default, 32)
+  c.data.read_threads = 0  # threads reading + templating records (0 = pipeline default, 8)
+  c.data.mixture_weighting = "factor"  # factor: share = weight x records (SPEC.md); proportion: = weight
   c.data.demo = False  # True: generate and use the shipped synthetic demo data
 
   # Optimiser (SPEC.md stage recipes).
