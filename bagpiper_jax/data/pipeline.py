@@ -24,8 +24,10 @@ The iterators are Grain DatasetIterators: `get_state()` returns a JSON-serialisa
 `set_state()` restores it, also in a fresh process (same config, host count and num_workers).
 `pipeline_stats(it)` reads the drop/pack counters out of that state.
 
-Optional config.data keys (read with defaults; see the module constants): host_batch (0 = per
-device batch x local devices), packing_bins, read_threads, read_buffer, mixture_weighting.
+config.data keys besides the sources (config_lib; read with defaults so older configs work):
+seq_len, max_audio_windows, per_device_batch, shuffle_seed, num_workers, template, host_batch
+(0 = per_device_batch x local devices), packing_bins / read_threads / read_buffer (0 = the module
+defaults), mixture_weighting.
 """
 
 from __future__ import annotations
@@ -231,8 +233,8 @@ def _finish(ds: grain.IterDataset, config, cfg: ModelConfig, *, batch: int, seed
 
 
 def _read_options(config) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=int(_get(config.data, "read_threads", DEFAULT_READ_THREADS)),
-                           prefetch_buffer_size=int(_get(config.data, "read_buffer", DEFAULT_READ_BUFFER)))
+  return grain.ReadOptions(num_threads=int(_get(config.data, "read_threads", 0)) or DEFAULT_READ_THREADS,
+                           prefetch_buffer_size=int(_get(config.data, "read_buffer", 0)) or DEFAULT_READ_BUFFER)
 
 
 def _check_template(config) -> None:
