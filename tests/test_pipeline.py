@@ -380,6 +380,18 @@ def test_eval_fixed_batch_count_pads_with_empty_batches(tmp_path):
   assert sorted(d["marker"] for b in natural for d in split_docs(b)) == list(range(6))
 
 
+def test_eval_with_worker_processes_covers_everything_once(tmp_path):
+  docs = random_docs(12, seed=8)
+  write_docs(str(tmp_path / "e"), docs, 2)
+  config = config_for(evals={"e": {"path": str(tmp_path / "e")}}, seq_len=512, host_batch=2, bins=2, workers=2)
+  it = pipeline.make_eval_iterator(config, CFG, process_index=0, process_count=1, num_batches=6)
+  got = list(it)
+  it.close()
+  assert len(got) == 6  # per host, not per worker
+  markers = sorted(d["marker"] for b in got for d in split_docs(b))
+  assert markers == list(range(12))
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors.
 

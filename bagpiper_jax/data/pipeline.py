@@ -221,14 +221,16 @@ def _finish(ds: grain.IterDataset, config, cfg: ModelConfig, *, batch: int, seed
   assembler = packing.BatchAssembler(cfg, batch_size=batch, seq_len=seq_len, max_windows=max_windows)
   ds = ds.batch(batch, drop_remainder=False, batch_fn=assembler)
   ds = packing.CountingIterDataset(ds)
-  if num_batches is not None:
-    ds = packing.FixedCountIterDataset(ds, num=int(num_batches), filler=assembler.empty)
   workers = int(_get(config.data, "num_workers", 0))
   if workers > 0:
+    # Each worker process reads its own slice of the mixed stream and packs it; the main process
+    # interleaves their batches. The output depends on num_workers: keep it fixed across restarts.
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # Grain workers read absl flags; outside an absl app use defaults.
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+  if num_batches is not None:  # after the workers: the count is per host, not per worker
+    ds = packing.FixedCountIterDataset(ds, num=int(num_batches), filler=assembler.empty)
   return ds.__iter__()
 
 
