@@ -36,7 +36,7 @@ import bisect
 import glob as glob_lib
 import os
 import zlib
-from typing import Any, Mapping
+from typing import Any
 
 import grain
 import numpy as np
