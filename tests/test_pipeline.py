@@ -440,3 +440,19 @@ def test_bench_mixture_smoke(tmp_path):
   batch_lib.validate_batch(b, cfg)
   assert (b["audio_rows"] >= 0).any() and (b["input_ids"][..., 1:] >= cfg.codec_start).any()
   assert set(pipeline.pipeline_stats(it)["docs_by_source"]) == set(config_lib.PRETRAIN_MIXTURE)
+
+
+@pytest.mark.parametrize("weighting, share_b", [("factor", 0.8), ("proportion", 0.5)])
+def test_mixture_weighting(tmp_path, weighting, share_b):
+  """a: 10 records, b: 40 records, both weight 1: factor -> shares by size; proportion -> equal."""
+  rng = np.random.default_rng(9)
+  write_docs(str(tmp_path / "a"), [make_doc(i, "text", rng, text=5) for i in range(10)], 1)
+  write_docs(str(tmp_path / "b"), [make_doc(i, "text", rng, text=5) for i in range(10, 50)], 1)
+  config = config_for(train={"a": {"path": str(tmp_path / "a"), "weight": 1.0},
+                             "b": {"path": str(tmp_path / "b"), "weight": 1.0}},
+                      seq_len=120, host_batch=4, bins=1, mixture_weighting=weighting)
+  it = pipeline.make_train_iterator(config, CFG, process_index=0, process_count=1)
+  for _ in range(25):  # 10 documents of 12 rows per row -> 1000 documents
+    next(it)
+  by = pipeline.pipeline_stats(it)["docs_by_source"]
+  assert by["b"] / (by["a"] + by["b"]) == pytest.approx(share_b, abs=0.01), by
