@@ -39,6 +39,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from bagpiper_jax.model import config as mc
+from bagpiper_jax.model.audio_encoder import mel_to_windows
 
 
 class TemplateError(ValueError):
@@ -135,24 +136,11 @@ def template_example(example: Mapping[str, Any], cfg: mc.ModelConfig, *,
         raise TemplateError(f"{where}: messages[{i}].mel has {mel.shape[0]} bins, encoder wants {enc.num_mel_bins}")
       if not np.issubdtype(mel.dtype, np.floating):
         raise TemplateError(f"{where}: messages[{i}].mel must be float, got {mel.dtype}")
-      t_frames = mel.shape[1]
-      n_chunks = -(-t_frames // chunk)
-      n_win = -(-n_chunks // per_win)
-      # One strided copy per audio ([M, T] -> [chunks, M, F]); this is the hot path of und data.
-      win = np.zeros((n_win, per_win, enc.num_mel_bins, chunk), mel.dtype)
-      flat = win.reshape(n_win * per_win, enc.num_mel_bins, chunk)
-      full = t_frames // chunk
-      if full:
-        flat[:full] = mel[:, :full * chunk].reshape(enc.num_mel_bins, full, chunk).transpose(1, 0, 2)
-      if full < n_chunks:
-        flat[full, :, :t_frames - full * chunk] = mel[:, full * chunk:]
+      win, cl = mel_to_windows(mel, enc)
       mels.append(win)
-      cl = np.zeros((n_win * per_win,), np.int32)
-      cl[:n_chunks] = chunk
-      cl[n_chunks - 1] = t_frames - (n_chunks - 1) * chunk
-      lens.append(cl.reshape(n_win, per_win))
+      lens.append(cl)
       audio_rows[r:r + n] = windows * per_win * frames_per_chunk + np.arange(n, dtype=np.int32)
-      windows += n_win
+      windows += win.shape[0]
     r += n
     same_next = i + 1 < len(messages) and messages[i + 1]["role"] == role
     ids[r, 0] = mc.EOT if same_next else mc.EOS

@@ -110,12 +110,16 @@ def mel_to_windows(mel: np.ndarray, cfg: AudioEncoderConfig = AudioEncoderConfig
     raise ValueError("mel_to_windows got an audio with 0 mel frames; the encoder needs at least one")
   c, f = cfg.chunks_per_window, cfg.chunk_frames
   w = num_windows(t, cfg)
-  padded = np.zeros((m, w * c * f), mel.dtype)
-  padded[:, :t] = mel
-  windows = padded.reshape(m, w, c, f).transpose(1, 2, 0, 3)
-  starts = np.arange(w * c) * f
-  lens = np.clip(t - starts, 0, f).astype(np.int32).reshape(w, c)
-  return np.ascontiguousarray(windows), lens
+  # One strided copy [M, T] -> [chunks, M, F] (this is the hot path of audio-understanding data).
+  windows = np.zeros((w, c, m, f), mel.dtype)
+  flat = windows.reshape(w * c, m, f)
+  full = t // f
+  if full:
+    flat[:full] = mel[:, :full * f].reshape(m, full, f).transpose(1, 0, 2)
+  if t > full * f:
+    flat[full, :, :t - full * f] = mel[:, full * f:]
+  lens = np.clip(t - np.arange(w * c) * f, 0, f).astype(np.int32).reshape(w, c)
+  return windows, lens
 
 
 def frame_valid_mask(chunk_lens, cfg: AudioEncoderConfig):
