@@ -170,7 +170,9 @@ def run_shard(task: ShardTask) -> dict:
   for stale in glob.glob(glob.escape(task.partial_prefix) + "*"):  # left by a killed run
     os.remove(stale)
   tmp = f"{task.partial_prefix}{os.getpid()}"
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+  # Uncompressed: mel-bearing records read ~2.5x faster that way and compress by only ~8%
+  # (measured with `python -m bagpiper_jax.data.bench --writer_options=...`).
+  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1,uncompressed")
   errors, warnings, n = [], [], 0
   stats: dict[str, dict[str, int]] = collections.defaultdict(
       lambda: {"records": 0, "text_tokens": 0, "audio_rows": 0})
