@@ -71,6 +71,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.data.read_threads = 0  # threads reading + templating records (0 = pipeline default, 8)
   c.data.mixture_weighting = "factor"  # factor: share = weight x records (SPEC.md); proportion: = weight
   c.data.demo = False  # True: generate and use the shipped synthetic demo data
+  c.data.demo_dir = ""  # where demo shards are generated ("" = demo_data next to the workdir)
+  c.data.synthetic = False  # True: in-memory synthetic batches (bagpiper_jax/synthetic.py), no files
 
   # Optimiser (SPEC.md stage recipes).
   c.optim = ml_collections.ConfigDict()

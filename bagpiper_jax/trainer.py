@@ -269,6 +269,15 @@ class Setup:
     stacked = stack_micro_batches(micro_batches, self.abstract_batch, host_batch_rows(self.config, self.mesh))
     return sharding.place_batch(stacked, self.batch_sharding, self.abstract_batch)
 
+  @functools.cached_property
+  def abstract_eval_batch(self) -> dict:
+    return make_abstract_batch(self.config, self.mesh, micro_steps=1)
+
+  def host_to_device_eval(self, batch: Mapping[str, np.ndarray]) -> dict:
+    """One process-local eval batch -> the global [1, B, ...] device batch."""
+    stacked = stack_micro_batches([batch], self.abstract_eval_batch, host_batch_rows(self.config, self.mesh))
+    return sharding.place_batch(stacked, self.batch_sharding, self.abstract_eval_batch)
+
 
 class _MeshRules:
   """Inside a traced step: the abstract mesh + logical rules, so the model's
