@@ -136,8 +136,9 @@ def console_line(step: int, total: int, m: Mapping[str, float], eta_s: float | N
     parts.append(f"text {m['text_loss']:.3f} audio {m.get('audio_loss', float('nan')):.3f}")
   parts.append(f"gnorm {m['grad_norm']:.3f}")
   parts.append(f"lr {m['lr']:.2e}")
-  parts.append(f"{_fmt_num(m['tokens_per_s'])} tok/s")
-  parts.append(f"{m['step_time_s']:.3f} s/step")
+  if m["step_time_s"] == m["step_time_s"]:  # not NaN (the compiling first step is untimed)
+    parts.append(f"{_fmt_num(m['tokens_per_s'])} tok/s")
+    parts.append(f"{m['step_time_s']:.3f} s/step")
   if m.get("mfu") is not None and m["mfu"] == m["mfu"]:
     parts.append(f"MFU {100 * m['mfu']:.1f}%")
   if m.get("skipped_steps"):

@@ -139,13 +139,17 @@ def _data_stats(it) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _log_window(step, config, pending, t_window, setup, flops_per_step, peak, t_start, start_step):
-  """Reduces the per-step device metrics of one log window to host numbers."""
+def _log_window(step, config, pending, untimed, t_window, setup, flops_per_step, peak, t_start, start_step):
+  """Reduces the per-step device metrics of one log window to host numbers.
+
+  The first `untimed` steps of the window (the compiling first step of a run) count for the
+  losses but not for step time / tokens/s / MFU.
+  """
   host = jax.device_get(pending)
-  n = len(host)
   last = host[-1]
+  timed = host[untimed:]
   dt = time.perf_counter() - t_window
-  tokens = float(sum(m["tokens"] for m in host))
+  tokens = float(sum(m["tokens"] for m in timed))
   out = {
       "loss": float(np.mean([m["loss"] for m in host])),
       "text_loss": float(np.mean([m["text_loss"] for m in host])),
@@ -153,27 +157,35 @@ def _log_window(step, config, pending, t_window, setup, flops_per_step, peak, t_
       "stream_loss": np.mean([m["stream_loss"] for m in host], axis=0),
       "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
       "lr": float(last["lr"]),
-      "tokens_per_s": tokens / dt,
-      "step_time_s": dt / n,
+      "tokens_per_s": tokens / dt if timed else float("nan"),
+      "step_time_s": dt / len(timed) if timed else float("nan"),
       "skipped_steps": int(last["nonfinite_count"]),
   }
-  out["mfu"] = flops_per_step / out["step_time_s"] / (peak * setup.mesh.size) if peak > 0 else float("nan")
-  done = step - start_step
-  eta = (time.perf_counter() - t_start) / max(done, 1) * (int(config.train_steps) - step)
+  out["mfu"] = (flops_per_step / out["step_time_s"] / (peak * setup.mesh.size)
+                if peak > 0 and timed else float("nan"))
+  done = step - start_step - 1
+  eta = (time.perf_counter() - t_start) / done * (int(config.train_steps) - step) if done > 0 else None
   step_losses = [float(m["loss"]) for m in host]
   return out, eta, step_losses, int(last["nonfinite_first_step"])
 
 
-def train_and_evaluate(config, workdir: str, *, sigkill_after_step: int = 0) -> dict:
-  """The whole run. Returns the last logged metrics (for tests and callers)."""
+def train_and_evaluate(config, workdir: str, *, sigkill_after_step: int = 0, setup=None,
+                       data=None) -> dict:
+  """The whole run. Returns the last logged metrics (for tests and callers).
+
+  `setup` (a trainer.Setup built for this config) and `data` ((train iterator, eval factory)) may
+  be passed in to reuse compiled steps or feed custom batches (notebooks, tests).
+  """
   os.makedirs(workdir, exist_ok=True)
   if config.nan_policy not in ("stop", "skip"):
     raise ValueError(f"config.nan_policy must be 'stop' or 'skip', got {config.nan_policy!r}")
-  mesh = sharding.make_mesh(config)
+  if setup is None:
+    mesh = sharding.make_mesh(config)
+    setup = trainer.Setup(config, mesh)
+  mesh = setup.mesh
   logging.info("mesh %s over %d devices (%s), %d processes", dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind, jax.process_count())
-  setup = trainer.Setup(config, mesh)
-  train_it, make_eval = make_data(config, setup, workdir)
+  train_it, make_eval = data if data is not None else make_data(config, setup, workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -192,10 +204,9 @@ def train_and_evaluate(config, workdir: str, *, sigkill_after_step: int = 0) -> 
       logging.warning("no finished checkpoint in %s, only unfinished saves %s: starting at step 0",
                       ckpt.directory, leftovers)
     if config.init_from:
-      params = ckpt_lib.load_params(config.init_from, setup.abstract_state.params)
+      state = setup.init_state(ckpt_lib.load_params(config.init_from, setup.abstract_state.params))
     else:
-      params = setup.init_params()
-    state = setup.init_state(params)
+      state = setup.fresh_state()
   step = int(jax.device_get(state.step))
   start_step = step
 
@@ -210,7 +221,7 @@ def train_and_evaluate(config, workdir: str, *, sigkill_after_step: int = 0) -> 
 
   writer = metrics_lib.MetricsWriter(workdir)
   preempt = _Preemption()
-  pending, last_metrics = [], {}
+  pending, untimed, last_metrics = [], 0, {}
   data_state = train_it.get_state()
   t_start = t_window = time.perf_counter()
   total = int(config.train_steps)
@@ -227,12 +238,12 @@ def train_and_evaluate(config, workdir: str, *, sigkill_after_step: int = 0) -> 
         jax.block_until_ready(m)  # do not bill compilation to the first window
         logging.info("first step (incl. compilation) %.1f s", time.perf_counter() - t_window)
         t_start = t_window = time.perf_counter()
-        pending = [m]
+        untimed = 1
 
       if step % log_every == 0 or step == total:
-        out, eta, step_losses, first_bad = _log_window(step, config, pending, t_window, setup,
+        out, eta, step_losses, first_bad = _log_window(step, config, pending, untimed, t_window, setup,
                                                        flops_per_step, peak, t_start, start_step)
-        pending, t_window = [], time.perf_counter()
+        pending, untimed, t_window = [], 0, time.perf_counter()
         writer.write(step, out, extra={"step_losses": step_losses, "data": _data_stats(train_it)})
         if jax.process_index() == 0:
           print(metrics_lib.console_line(step, total, out, eta), flush=True)

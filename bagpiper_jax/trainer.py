@@ -152,15 +152,24 @@ class Setup:
       return nn.unbox(self.model.init(jax.random.key(seed), batch)["params"])
     return jax.jit(init, out_shardings=self.param_shardings)()
 
+  def _make_state(self, params) -> TrainState:
+    t, _ = optim.split(params, self.mask)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(t),
+                      nonfinite={"count": jnp.zeros((), jnp.int32), "first_step": jnp.full((), -1, jnp.int32)})
+
   def init_state(self, params) -> TrainState:
     """State at step 0 around `params` (fresh or loaded)."""
-
-    def make(params):
-      t, _ = optim.split(params, self.mask)
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(t),
-                        nonfinite={"count": jnp.zeros((), jnp.int32), "first_step": jnp.full((), -1, jnp.int32)})
-    return jax.jit(make, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings,
+    return jax.jit(self._make_state, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings,
                    donate_argnums=(0,))(params)
+
+  def fresh_state(self, seed: int | None = None) -> TrainState:
+    """Random params + zero optimizer state in one sharded program (= init_state(init_params()))."""
+    seed = int(self.config.seed if seed is None else seed)
+    batch = _init_batch(self.cfg, self.config)
+
+    def make():
+      return self._make_state(nn.unbox(self.model.init(jax.random.key(seed), batch)["params"]))
+    return jax.jit(make, out_shardings=self.state_shardings)()
 
   # ---- steps ----
 

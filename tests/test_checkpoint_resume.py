@@ -1,0 +1,181 @@
+"""Checkpoints: exact resume after SIGKILL (subprocesses, real Grain pipeline), clear errors.
+
+Exact resume: run A trains 8 steps straight; run B trains with a checkpoint every 4 steps and
+SIGKILLs itself after step 6; run C resumes B's workdir to step 8. Every logged loss and the final
+params/optimizer state of A and B+C must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from bagpiper_jax import checkpoint as ckpt_lib
+from bagpiper_jax import trainer
+from bagpiper_jax.synthetic import tiny_train_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_CONFIG = """
+from bagpiper_jax.synthetic import tiny_train_config
+def get_config():
+  c = tiny_train_config(steps=8, seq_len=128, rows_per_device=2)
+  c.data.synthetic = False
+  c.data.train_sources = {sources!r}
+  c.checkpoint.every_steps = 4
+  c.checkpoint.async_save = True
+  c.checkpoint.keep = 5
+  return c
+"""
+
+
+def _train(config_path, workdir, *extra):
+  # A persistent compilation cache shared by the runs: the resumed run reuses the executable
+  # (the same program, so results are unaffected) instead of compiling again.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(str(workdir)), "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return subprocess.Popen([sys.executable, "-m", "bagpiper_jax.train", f"--config={config_path}",
+                           f"--workdir={workdir}", *extra], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _losses(workdir):
+  out = {}
+  for rec in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))):
+    if rec["kind"] == "train":
+      out.setdefault(rec["step"], []).append(rec["step_losses"])
+  return out
+
+
+def _restore_raw(step_dir, item):
+  with ocp.StandardCheckpointer() as c:
+    return jax.device_get(c.restore(os.path.join(step_dir, item)))
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+  from bagpiper_jax.synthetic import write_tiny_sources  # pylint: disable=g-import-not-at-top
+  cfg = trainer.model_config(tiny_train_config())
+  sources = write_tiny_sources(str(tmp_path / "data"), cfg)
+  config_path = tmp_path / "cfg.py"
+  config_path.write_text(_CONFIG.format(sources=sources))
+  a, b = tmp_path / "straight", tmp_path / "killed"
+  pa = _train(config_path, a)
+  pb = _train(config_path, b, "--testonly_sigkill_after_step=6")
+  out_a, err_a = pa.communicate(timeout=600)
+  out_b, err_b = pb.communicate(timeout=600)
+  assert pa.returncode == 0, err_a[-3000:]
+  assert pb.returncode == -9, (pb.returncode, err_b[-3000:])
+  assert sorted(os.listdir(b / "checkpoints")) == ["4"]  # 6 was not a save step; 8 never came
+  pc = _train(config_path, b)
+  out_c, err_c = pc.communicate(timeout=600)
+  assert pc.returncode == 0, err_c[-3000:]
+  assert "resumed from step 4" in out_c
+
+  la, lb = _losses(a), _losses(b)
+  assert sorted(la) == list(range(1, 9)) and all(len(v) == 1 for v in la.values())
+  assert sorted(lb) == list(range(1, 9))
+  assert [len(lb[s]) for s in range(1, 9)] == [1, 1, 1, 1, 2, 2, 1, 1]  # steps 5, 6 ran twice
+  for s in range(1, 9):
+    for got in lb[s]:
+      assert got == la[s][0], (s, got, la[s])  # exact float equality, not approx
+  assert la[8][0][0] < la[1][0][0]
+
+  pa_, pb_ = _restore_raw(a / "checkpoints" / "8", "params"), _restore_raw(b / "checkpoints" / "8", "params")
+  ta, tb = _restore_raw(a / "checkpoints" / "8", "train"), _restore_raw(b / "checkpoints" / "8", "train")
+  for x, y in zip(jax.tree.leaves(pa_) + jax.tree.leaves(ta), jax.tree.leaves(pb_) + jax.tree.leaves(tb)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert int(ta["step"]) == 8
+  # The data-iterator state was checkpointed too (Grain's JSON state, per process).
+  data = json.loads((b / "checkpoints" / "8" / "data" / "process_0-of-1.json").read_text())
+  assert data["format"] == "json" and data["state"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpointer unit tests on a small hand-made state (no model compile).
+
+
+def _toy_state(v=1.0):
+  return trainer.TrainState(
+      step=jnp.asarray(3, jnp.int32),
+      params={"w": jnp.full((4, 2), v, jnp.float32), "n": {"scale": jnp.ones((2,), jnp.float32)}},
+      opt_state={"mu": jnp.full((4, 2), 0.5 * v, jnp.float32)},
+      nonfinite={"count": jnp.asarray(0, jnp.int32), "first_step": jnp.asarray(-1, jnp.int32)})
+
+
+def _abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def test_roundtrip_keep_last_k_and_data_state(tmp_path):
+  c = tiny_train_config()
+  c.checkpoint.keep = 2
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), c)
+  for step in (1, 2, 3):
+    assert ck.save(step, _toy_state(step), {"next": step}, force=True)
+  ck.save(4, _toy_state(4), b"\x00grain-bytes\xff", force=True)
+  ck.wait()
+  assert ck.all_steps() == [3, 4]
+  state, data = ck.restore(4, _abstract(_toy_state()))
+  assert data == b"\x00grain-bytes\xff"
+  np.testing.assert_array_equal(state.params["w"], np.full((4, 2), 4.0))
+  np.testing.assert_array_equal(state.opt_state["mu"], np.full((4, 2), 2.0))
+  state, data = ck.restore(3, _abstract(_toy_state()))
+  assert data == {"next": 3} and int(state.step) == 3
+  ck.close()
+  # init_from: params only, from the run directory (latest step) or a step directory.
+  p = ckpt_lib.load_params(str(tmp_path / "ck"), _abstract(_toy_state()).params)
+  np.testing.assert_array_equal(p["w"], np.full((4, 2), 4.0))
+  with pytest.raises(ckpt_lib.CheckpointError, match="init_from"):
+    ckpt_lib.load_params(str(tmp_path / "nope"), _abstract(_toy_state()).params)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+  c = tiny_train_config()
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), c)
+  ck.save(5, _toy_state(), {"next": 5}, force=True)
+  ck.close()
+  # Garble every data file of the params item.
+  n = 0
+  for root, _, files in os.walk(tmp_path / "ck" / "5" / "params"):
+    for f in files:
+      if "manifest" in f or f.startswith("d") or "ocdbt" in root:
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"garbage")
+        n += 1
+  assert n
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), c)
+  assert ck.latest_step() == 5  # it is there: resume must not silently start fresh
+  with pytest.raises(ckpt_lib.CheckpointError, match="Refusing to start fresh"):
+    ck.restore(5, _abstract(_toy_state()))
+
+
+def test_missing_data_state_and_incompatible_config_are_errors(tmp_path):
+  c = tiny_train_config()
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), c)
+  ck.save(2, _toy_state(), {"next": 2}, force=True)
+  ck.close()
+  other = tiny_train_config()
+  other.model.hidden_size = 32
+  with pytest.raises(ckpt_lib.CheckpointError, match="model.hidden_size: checkpoint 64 vs config 32"):
+    ckpt_lib.Checkpointer(str(tmp_path / "ck"), other).restore(2, _abstract(_toy_state()))
+  os.remove(tmp_path / "ck" / "2" / "data" / "process_0-of-1.json")
+  with pytest.raises(ckpt_lib.CheckpointError, match="process_0-of-1.json"):
+    ckpt_lib.Checkpointer(str(tmp_path / "ck"), c).restore(2, _abstract(_toy_state()))
+  # Shape mismatch against the abstract state (e.g. an edited model file): clear error too.
+  bad = _abstract(_toy_state())
+  bad = bad.replace(params={"w": jax.ShapeDtypeStruct((8, 2), jnp.float32), "n": bad.params["n"]})
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck2"), c)
+  ck.save(1, _toy_state(), None, force=True)
+  ck.wait()
+  with pytest.raises(ckpt_lib.CheckpointError, match="could not be restored"):
+    ck.restore(1, bad)
+  ck.close()
