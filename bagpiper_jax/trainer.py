@@ -185,7 +185,8 @@ class Setup:
     under a mesh and fails. Then we trace without the mesh context (params and batch keep their
     explicit shardings; only the activation hints are dropped) and say so, rather than crash.
     """
-    batch = _init_batch(self.cfg, self.config)
+    # One row per batch shard: shard_map'd kernels (splash attention) need the batch to divide.
+    batch = dummy_batch(self.cfg, sharding.batch_shards(self.mesh), min(16, int(self.config.data.seq_len)), 1)
     try:
       with _MeshRules(self.mesh, constraints=True):
         jax.eval_shape(lambda p: self.model.apply({"params": p}, batch), self.abstract_params)
