@@ -45,7 +45,7 @@ MODEL_CONFIG_FILE = "model_config.json"
 Block = tuple[tuple, np.ndarray]  # (index into the leaf, values)
 # zarr chunk size for leaves written in blocks: small enough that TensorStore's per-chunk encode
 # buffers stay negligible next to the one tensor a conversion holds.
-DEFAULT_BLOCK_BYTES = 64 * 2**20
+DEFAULT_BLOCK_BYTES = 16 * 2**20
 
 
 class ParamsIOError(RuntimeError):
@@ -79,14 +79,25 @@ class LazyArray:
     return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
   @classmethod
-  def per_layer(cls, shape, dtype, layer_fn: Callable[[int], np.ndarray]) -> "LazyArray":
-    """A scanned leaf [N, ...] whose slice i is `layer_fn(i)`."""
-    shape = tuple(shape)
+  def per_layer(cls, shape, dtype, layer_fn: Callable[[int], np.ndarray],
+                max_block_bytes: int = DEFAULT_BLOCK_BYTES) -> "LazyArray":
+    """A scanned leaf [N, ...] whose slice i is `layer_fn(i)` (computed once per layer, written in
+    blocks of its next axis, so zarr chunks never span layers)."""
+    shape = tuple(int(s) for s in shape)
+    rows = _rows_per_block(shape[1:], dtype, max_block_bytes)
 
     def blocks():
       for i in range(shape[0]):
-        yield (slice(i, i + 1),), np.asarray(layer_fn(i), dtype)[None]
-    return cls(shape, dtype, blocks, (1,) + shape[1:])
+        x = np.asarray(layer_fn(i), dtype)
+        if x.shape != shape[1:]:
+          raise ParamsIOError(f"layer {i} has shape {x.shape}, expected {shape[1:]}")
+        if x.ndim == 0:
+          yield (slice(i, i + 1),), x[None]
+        else:
+          for lo in range(0, shape[1], rows):
+            yield (slice(i, i + 1), slice(lo, min(lo + rows, shape[1]))), x[None, lo:lo + rows]
+        del x
+    return cls(shape, dtype, blocks, (1,) + ((min(rows, shape[1]),) + shape[2:] if len(shape) > 1 else ()))
 
   @classmethod
   def blocked(cls, shape, dtype, fn: Callable[[int, int], np.ndarray], axis: int = 0,
@@ -95,8 +106,8 @@ class LazyArray:
     shape = tuple(int(s) for s in shape)
     if not shape:
       return cls(shape, dtype, lambda: iter([((), np.asarray(fn(0, 1), dtype))]))
-    other = int(np.prod(shape, dtype=np.int64)) // max(shape[axis], 1) * np.dtype(dtype).itemsize
-    step = max(1, min(shape[axis], max_block_bytes // max(other, 1)))
+    other = shape[:axis] + shape[axis + 1:]
+    step = _rows_per_block((shape[axis],) + other, dtype, max_block_bytes)
     block_shape = shape[:axis] + (step,) + shape[axis + 1:]
 
     def blocks():
@@ -125,6 +136,14 @@ class LazyArray:
     return cls.blocked(shape, dtype, rows, 0, max_block_bytes)
 
 
+def _rows_per_block(shape, dtype, max_block_bytes: int) -> int:
+  """How many entries of the leading axis of `shape` fit in max_block_bytes (at least 1)."""
+  if not shape:
+    return 1
+  row = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+  return max(1, min(shape[0], max_block_bytes // max(row, 1)))
+
+
 class _LazyArrayHandler(type_handlers.NumpyHandler):
   """Writes LazyArray leaves sequentially, block by block; metadata says 'np.ndarray'."""
 
@@ -147,7 +166,8 @@ class _LazyArrayHandler(type_handlers.NumpyHandler):
       covered = 0
       for index, block in value.blocks():
         block = np.asarray(block, value.dtype)
-        await t[index].write(block)
+        # The block is not modified afterwards, so TensorStore may keep a reference instead of a copy.
+        await t[index].write(block, can_reference_source_data_indefinitely=True)
         covered += block.size
         del block
       if covered != int(np.prod(value.shape, dtype=np.int64)):
