@@ -257,3 +257,24 @@ def test_bad_release_input_lists_offending_keys(tmp_path):
     release.import_release(str(tmp_path / "noconf"), str(tmp_path / "o3"))
   with pytest.raises(params_io.ParamsIOError, match="already exists"):
     params_io.save_params(tmp_path / "ck", broken)
+
+
+def test_training_checkpoint_exports_and_init_from_loads_the_import(tmp_path):
+  """The train loop's checkpoints export (model config from their `config` item), and what import
+  writes is what the train loop's `config.init_from` (bagpiper_jax.checkpoint.load_params) restores."""
+  import types  # pylint: disable=g-import-not-at-top
+  from bagpiper_jax import checkpoint, config_lib  # pylint: disable=g-import-not-at-top
+  cfg = tiny_model_config()
+  conf = config_lib.base_config("pretrain")
+  conf.model = config_lib.model_config(**cfg.to_dict())
+  params = random_params(cfg, seed=9)
+  state = types.SimpleNamespace(params=params, step=np.int32(5), opt_state={"mu": np.zeros(3, np.float32)},
+                                nonfinite={"count": np.int32(0)})
+  ckptr = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), conf, async_save=False)
+  assert ckptr.save(5, state, None, force=True)
+  ckptr.close()
+  release.export_release(str(tmp_path / "checkpoints"), str(tmp_path / "rel"), dtype="float32")
+  release.import_release(str(tmp_path / "rel"), str(tmp_path / "init"))
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), params)
+  _assert_trees_bit_equal(params, checkpoint.load_params(str(tmp_path / "init"), abstract))
