@@ -270,12 +270,17 @@ class LeafInfo:
 class ParamsReader:
   """Reads single leaves or single layer slices of a params item via TensorStore.
 
-  Stacked leaves whose zarr chunks span several layers (e.g. saved from a single device) are
-  read one chunk-band of layers at a time and the band is kept until a slice outside it is asked
-  for, so callers should ask for all layers of one leaf before moving to the next.
+  Stacked leaves whose zarr chunks span several layers (a training checkpoint: FSDP shards split
+  the feature axes, not the layer axis, and Orbax chunks = shards) cannot be sliced per layer
+  cheaply: every slice read would decode every chunk of the leaf. Such leaves are read in bands
+  of consecutive layers of at most `band_bytes` (a whole chunk extent when that fits), and the
+  band is kept until a slice outside it is asked for; callers should ask for all layers of one
+  leaf before moving to the next (streaming.leaf_major). Leaves chunked per layer (everything
+  save_params writes) are read slice by slice.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, band_bytes: int = 2 * 2**30):
+    self.band_bytes = int(band_bytes)
     self.item = resolve_params_dir(path)
     with open(os.path.join(self.item, "_METADATA")) as f:
       meta = json.load(f)
@@ -320,8 +325,11 @@ class ParamsReader:
       return np.asarray(t[layer].read().result())
     if self._band is None or self._band[0] != path or not self._band[1] <= layer < self._band[2]:
       self._band = None  # drop the old band before reading the next
-      lo = (layer // chunk0) * chunk0
-      hi = min(lo + chunk0, t.shape[0])
+      slice_bytes = int(np.prod(t.shape[1:], dtype=np.int64)) * np.dtype(t.dtype.numpy_dtype).itemsize
+      fit = max(1, self.band_bytes // max(slice_bytes, 1))
+      n = chunk0 if chunk0 <= fit else fit
+      lo = (layer // chunk0) * chunk0 + ((layer % chunk0) // n) * n
+      hi = min(lo + n, (layer // chunk0 + 1) * chunk0, t.shape[0])
       self._band = (path, lo, hi, np.asarray(t[lo:hi].read().result()))
     return np.array(self._band[3][layer - self._band[1]])
 

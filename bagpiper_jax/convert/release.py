@@ -29,8 +29,6 @@ import itertools
 import json
 import logging
 import os
-import sys
-from typing import Iterator
 
 import numpy as np
 
@@ -164,6 +162,9 @@ def export_release(ckpt: str, out_dir: str, *, cfg: ModelConfig | None = None, d
   streaming.check_rules_cover(tensor_rules, expected)
   streaming.check_leaves({p: i.shape for p, i in reader.infos().items()}, expected,
                          where=f"Orbax checkpoint {reader.item}")
+  # Layers of leaves chunked across layers are read in bands no bigger than the largest tensor.
+  reader.band_bytes = max(64 * 2**20, max(int(np.prod(r.torch_shape)) * reader.info(r.flax_path).dtype.itemsize
+                                          for r in tensor_rules))
   out_dtype = None if dtype == "keep" else np.dtype(dtype)
   plan = streaming.export_plan(tensor_rules, reader, out_dtype)
   streams = [streaming.export_tensors(tensor_rules, reader, out_dtype)]
