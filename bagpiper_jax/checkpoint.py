@@ -160,17 +160,21 @@ class Checkpointer:
           f"checkpoint {self.directory / str(step)} is incompatible with the config:\n  " + "\n  ".join(diff)
           + "\nUse a new --workdir (or config.init_from=<dir> to start from its params).")
 
-  def restore(self, step: int, abstract_state) -> tuple[Any, Any]:
-    """(state, data_state) of `step`, arrays placed with abstract_state's shardings."""
+  def restore(self, step: int, abstract_state, *, data: bool = True) -> tuple[Any, Any]:
+    """(state, data_state) of `step`, arrays placed with abstract_state's shardings.
+
+    data=False skips the per-process data-iterator states (data_state is then None): the arrays
+    restore onto any mesh and process count, the iterator states only onto the same process count.
+    """
     self._check_config(step)
     train_abs = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
                  "nonfinite": abstract_state.nonfinite}
+    items = dict(params=ocp.args.StandardRestore(abstract_state.params),
+                 train=ocp.args.StandardRestore(train_abs))
+    if data:
+      items["data"] = DataStateRestore()
     try:
-      r = self.manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract_state.params),
-          train=ocp.args.StandardRestore(train_abs),
-          data=DataStateRestore(),
-      ))
+      r = self.manager.restore(step, args=ocp.args.Composite(**items))
     except CheckpointError:
       raise
     except Exception as e:  # pylint: disable=broad-except
@@ -181,7 +185,7 @@ class Checkpointer:
     t = r["train"]
     state = abstract_state.replace(params=r["params"], step=t["step"], opt_state=t["opt_state"],
                                    nonfinite=t["nonfinite"])
-    return state, r["data"]
+    return state, (r["data"] if data else None)
 
   def leftover_tmp_dirs(self) -> list[str]:
     if not self.directory.exists():
