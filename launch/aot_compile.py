@@ -179,6 +179,7 @@ def flops_report(compiled, counted: flop_count.FlopCount, config, abstract_batch
       "xla_cost_flops_per_chip": compiled_flops,  # while-loop bodies counted once (see flop_count.py)
       "executed_flops_per_step": counted.flops,  # jaxpr matmul/conv FLOPs, loops x trip count
       "executed_flops_per_chip": counted.flops / num_chips,
+      "kernel_flops_per_chip": counted.kernel_flops / num_chips,  # Pallas kernels, counted dense
       "unknown_trip_loops": counted.unknown_trip_loops,
       "model_flops_per_step": model_flops,
       "model_flops_per_chip": model_flops / num_chips,
@@ -233,6 +234,9 @@ def format_report(rep: dict) -> str:
              f"executed {f['executed_flops_per_chip']:.4g} (jaxpr matmuls incl. remat recompute, "
              f"{f['executed_over_model']:.2f}x model); XLA cost analysis {f['xla_cost_flops_per_chip']:.4g} "
              "(counts each loop body once: a lower bound)")
+  if f.get("kernel_flops_per_chip"):
+    out.append(f"  note: {f['kernel_flops_per_chip']:.4g} of the executed FLOPs are inside Pallas kernels (splash "
+               "attention), counted as if no masked block were skipped")
   if f["unknown_trip_loops"]:
     out.append(f"  note: {f['unknown_trip_loops']} while loops with data-dependent trip counts counted once")
   out.append(f"  at an assumed MFU of {100 * f['assumed_mfu']:.0f}% (peak {f['peak_flops_per_chip'] / 1e12:.0f} "

@@ -12,6 +12,9 @@ Counted: dot_general (2 * output elements * contracted size) and conv_general_di
 elements * kernel window * input features per group). Elementwise work, softmax, norms, and
 collectives are not counted, as in MFU accounting. `cond` counts its most expensive branch. A
 `while` with a data-dependent trip count is counted once and reported in `unknown_trip_loops`.
+A Pallas kernel (`pallas_call`, e.g. splash attention) counts its own cost estimate when it has
+one, else its body times the number of grid cells; kernels that skip fully masked blocks at run
+time (causal splash) are therefore counted dense, an upper bound for their share.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ class FlopCount:
   flops: float = 0.0
   dot_flops: float = 0.0
   conv_flops: float = 0.0
+  kernel_flops: float = 0.0  # inside Pallas kernels (included in flops)
   unknown_trip_loops: int = 0
 
   def add(self, other: "FlopCount", times: float = 1.0) -> None:
     self.flops += times * other.flops
     self.dot_flops += times * other.dot_flops
     self.conv_flops += times * other.conv_flops
+    self.kernel_flops += times * other.kernel_flops
     self.unknown_trip_loops += other.unknown_trip_loops
 
 
@@ -88,6 +93,18 @@ def count_jaxpr(jaxpr) -> FlopCount:
     if name == "cond":
       branches = [count_jaxpr(b) for b in eqn.params["branches"]]
       total.add(max(branches, key=lambda c: c.flops))
+      continue
+    if name == "pallas_call":
+      est = eqn.params.get("cost_estimate")
+      if est is not None and getattr(est, "flops", None):
+        f = float(est.flops)
+        total.flops += f
+        total.kernel_flops += f
+      else:
+        body = count_jaxpr(eqn.params["jaxpr"])  # one grid cell's work
+        cells = float(math.prod(eqn.params["grid_mapping"].grid))
+        body.kernel_flops = body.flops
+        total.add(body, cells)
       continue
     if name == "while":
       body = count_jaxpr(eqn.params["body_jaxpr"])
