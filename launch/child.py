@@ -1,0 +1,47 @@
+"""One process of a distributed run: `jax.distributed.initialize` from the environment, then a module.
+
+  python -m launch.child MODULE [ARGS...]
+
+Why a wrapper: `jax.distributed.initialize()` auto-detects Cloud TPU, Slurm, Open MPI and
+Kubernetes, but not N plain processes on one machine. launch/local_multiprocess.py sets
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID for each child; here we pass them to
+`initialize` explicitly and then run MODULE exactly as `python -m MODULE ARGS...` would, so the
+program under test (e.g. bagpiper_jax.train) carries no launcher code. Without those variables
+(e.g. on a TPU VM) `initialize()` is called with no arguments and auto-detects the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+
+def initialize_from_env() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  impl = os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION")
+  if impl:
+    jax.config.update("jax_cpu_collectives_implementation", impl)
+  n, pid = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+  if n is None and pid is None:
+    jax.distributed.initialize()  # TPU VM / Slurm / MPI / k8s: auto-detected
+    return
+  addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not addr or n is None or pid is None:
+    raise SystemExit("launch.child: set all of JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID "
+                     f"(have address={addr!r}, num_processes={n!r}, process_id={pid!r})")
+  jax.distributed.initialize(coordinator_address=addr, num_processes=int(n), process_id=int(pid),
+                             initialization_timeout=120)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) < 2:
+    raise SystemExit("usage: python -m launch.child MODULE [ARGS...]")
+  initialize_from_env()
+  module = argv[1]
+  sys.argv = [module] + argv[2:]
+  runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv)
