@@ -191,8 +191,15 @@ def test_torch_saved_espnet_checkpoint_imports(tmp_path):
   sd[release.CODEC_PREFIX + "quantizer.codebook"] = torch.zeros(4, 3)
   torch.save({"module": sd}, tmp_path / "base.pt")
   summary = release.import_release(str(tmp_path / "base.pt"), str(tmp_path / "o"), cfg=cfg)
-  assert summary["skipped_codec_tensors"] == 1
+  assert summary["skipped_tensors"] == 1
   _assert_trees_bit_equal(params, params_io.load_params(tmp_path / "o"))
+  # Other unknown entries are an error unless their prefix is skipped explicitly.
+  sd["criterion.weight"] = torch.ones(2)
+  torch.save({"module": sd}, tmp_path / "extra.pt")
+  with pytest.raises(ValueError, match="1 tensors the model does not have: criterion.weight"):
+    release.import_release(str(tmp_path / "extra.pt"), str(tmp_path / "o2"), cfg=cfg)
+  s2 = release.import_release(str(tmp_path / "extra.pt"), str(tmp_path / "o2"), cfg=cfg, skip_prefixes=("criterion.",))
+  assert s2["skipped_tensors"] == 2
 
 
 def test_codec_tensors_pass_through_export(tmp_path):
@@ -205,7 +212,7 @@ def test_codec_tensors_pass_through_export(tmp_path):
   assert s["codec_tensors"] == 1
   st = _load_release(tmp_path / "rel")
   np.testing.assert_array_equal(st[release.CODEC_PREFIX + "encoder.conv.weight"].numpy(), codec["encoder.conv.weight"])
-  assert release.import_release(str(tmp_path / "rel"), str(tmp_path / "b"))["skipped_codec_tensors"] == 1
+  assert release.import_release(str(tmp_path / "rel"), str(tmp_path / "b"))["skipped_tensors"] == 1
 
 
 def test_bad_release_input_lists_offending_keys(tmp_path):
@@ -250,6 +257,10 @@ def test_bad_release_input_lists_offending_keys(tmp_path):
     release.export_release(str(tmp_path / "ck"), str(tmp_path / "rel"))
   assert "stream_emb/embedding" in str(e.value) and "norm/scale: got (7,), expected (32,)" in str(e.value)
   assert not (tmp_path / "rel").exists()
+  params_io.save_params(tmp_path / "ok", params, cfg)
+  release.export_release(str(tmp_path / "ok"), str(tmp_path / "rel"))
+  with pytest.raises(ValueError, match="already holds safetensors files"):
+    release.export_release(str(tmp_path / "ok"), str(tmp_path / "rel"))
 
   # No config anywhere -> ask for --config.
   write("noconf", good)

@@ -17,7 +17,7 @@ when given (the JAX model has no codec), and on import they are skipped with a c
     python -m bagpiper_jax.convert.release export --ckpt=<orbax dir> --out=<release dir> \
         [--dtype=bfloat16|float32|keep] [--max_shard_size=5GB] [--espnet_pt=<file.pt>] [--codec=<dir>]
     python -m bagpiper_jax.convert.release import --src=<release dir | base.pt> --out=<orbax dir> \
-        [--config=configs/bagpiper_8b.py] [--dtype=config|float32|bfloat16]
+        [--config=configs/bagpiper_8b.py] [--dtype=config|float32|bfloat16] [--skip_prefixes=a.,b.]
 
 `--ckpt` may be a save_params directory, a training checkpoint step, or a training checkpoints
 directory (latest step). The result of `import` is what `config.init_from` takes.
@@ -183,6 +183,9 @@ def export_release(ckpt: str, out_dir: str, *, cfg: ModelConfig | None = None, d
     streams.append((new, codec_src.get(old)) for old, new in renamed)
     n_codec = len(renamed)
 
+  if os.path.isdir(out_dir) and any(n.endswith(".safetensors") or n == safetensors_io.INDEX_NAME
+                                    for n in os.listdir(out_dir)):
+    raise ValueError(f"--out {out_dir} already holds safetensors files; refusing to mix two exports")
   os.makedirs(out_dir, exist_ok=True)
   index = safetensors_io.write_sharded(out_dir, plan, itertools.chain(*streams), max_shard_bytes=max_shard_bytes)
   dtype_name = str(out_dtype) if out_dtype is not None else "mixed"
@@ -203,8 +206,13 @@ def export_release(ckpt: str, out_dir: str, *, cfg: ModelConfig | None = None, d
 # Import.
 
 
-def import_release(src: str, out_dir: str, *, cfg: ModelConfig | None = None, dtype: str | None = None) -> dict:
-  """Release directory / safetensors file / ESPnet .pt -> Orbax params (save_params layout)."""
+def import_release(src: str, out_dir: str, *, cfg: ModelConfig | None = None, dtype: str | None = None,
+                   skip_prefixes: tuple[str, ...] = ()) -> dict:
+  """Release directory / safetensors file / ESPnet .pt -> Orbax params (save_params layout).
+
+  Tensors under CODEC_PREFIX and `skip_prefixes` are not part of the JAX model: they are counted and
+  reported, any other unknown tensor is an error.
+  """
   source = _open_tensor_source(src)
   if cfg is None:
     cfg_path = os.path.join(src if os.path.isdir(src) else os.path.dirname(src), CONFIG_NAME)
@@ -215,13 +223,14 @@ def import_release(src: str, out_dir: str, *, cfg: ModelConfig | None = None, dt
   expected = streaming.expected_params(cfg)
   tensor_rules = rules_lib.bagpiper_rules(cfg)
   streaming.check_rules_cover(tensor_rules, expected)
-  n_codec = check_source(source.shapes(), tensor_rules, cfg, where=src)
-  if n_codec:
-    print(f"[release import] skipped {n_codec} X-Codec tensors under {CODEC_PREFIX} (not part of the "
-          "JAX model)", flush=True)
+  ignore = (CODEC_PREFIX,) + tuple(skip_prefixes)
+  n_skipped = check_source(source.shapes(), tensor_rules, cfg, where=src, ignore_prefixes=ignore)
+  if n_skipped:
+    print(f"[release import] skipped {n_skipped} tensors under {list(ignore)} (X-Codec etc.; not part of "
+          "the JAX model)", flush=True)
   tree = streaming.lazy_tree(source.get, tensor_rules, expected, None if dtype in (None, "config") else dtype)
   item = params_io.save_params(out_dir, tree, cfg)
-  return {"tensors": len(tensor_rules), "skipped_codec_tensors": n_codec, "params": item}
+  return {"tensors": len(tensor_rules), "skipped_tensors": n_skipped, "params": item}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +247,7 @@ def _define_flags():
                       "the model's param_dtype) | float32 | bfloat16")
   flags.DEFINE_string("max_shard_size", "5GB", "export: largest safetensors shard")
   flags.DEFINE_string("espnet_pt", None, "export: also write an ESPnet {'module': state_dict} .pt here")
+  flags.DEFINE_list("skip_prefixes", [], "import: tensor name prefixes to skip (counted) besides X-Codec")
   flags.DEFINE_string("codec", None, "export: X-Codec tensors to pass through (safetensors or .pt)")
   config_flags.DEFINE_config_file("config", None, "model config file (configs/*.py); export/import read "
                                   "the stored one when omitted", lock_config=False)
@@ -261,7 +271,8 @@ def main(argv):
   else:
     if not FLAGS.src:
       raise SystemExit("import needs --src")
-    summary = import_release(FLAGS.src, FLAGS.out, cfg=cfg, dtype=FLAGS.dtype or "config")
+    summary = import_release(FLAGS.src, FLAGS.out, cfg=cfg, dtype=FLAGS.dtype or "config",
+                             skip_prefixes=tuple(p for p in FLAGS.skip_prefixes if p))
   print(f"[release {argv[1]}] {json.dumps(summary)}", flush=True)
   cli_util.report_peak_rss(f"release {argv[1]}")
 
