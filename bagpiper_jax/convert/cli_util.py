@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import ctypes
 import re
 import resource
 import sys
 
 from bagpiper_jax.model.config import ModelConfig
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def tune_malloc(mmap_threshold: int = 1 << 20) -> bool:
+  """Serve every allocation >= 1 MiB from its own mmap, returned to the OS on free.
+
+  glibc raises its mmap threshold dynamically (up to 32 MB) after large frees, after which
+  TensorStore's per-chunk buffers land in malloc arenas and stay resident: reading a 1.3 GB leaf
+  then peaked at 1.7x its size instead of 1.0x. Fixing the threshold keeps a conversion's peak at
+  what it actually holds. No-op (False) where glibc is not available.
+  """
+  try:
+    return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)))
+  except (OSError, AttributeError):
+    return False
 
 
 def peak_rss_bytes() -> int:

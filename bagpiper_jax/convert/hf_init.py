@@ -304,6 +304,7 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from bagpiper_jax.convert import cli_util  # pylint: disable=g-import-not-at-top
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  cli_util.tune_malloc()
   if not FLAGS.audio_tower and not FLAGS.random_audio_tower:
     raise SystemExit("--audio_tower is required (pass --random_audio_tower to initialise it randomly)")
   cfg = cli_util.model_config_from_flag(FLAGS.config)

@@ -257,6 +257,7 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from bagpiper_jax.convert import cli_util  # pylint: disable=g-import-not-at-top
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  cli_util.tune_malloc()
   if len(argv) != 2 or argv[1] not in ("export", "import"):
     raise SystemExit("usage: python -m bagpiper_jax.convert.release export|import --flags ...")
   cfg = cli_util.model_config_from_flag(FLAGS.config)

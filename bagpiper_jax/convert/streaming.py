@@ -60,9 +60,15 @@ def check_leaves(have: Mapping[Path, tuple[int, ...]], expected: Mapping[Path, j
     raise ValueError("\n".join(lines))
 
 
-def convert(x: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], dtype) -> np.ndarray:
-  """fn(x) cast to dtype, computed in the narrower dtype (bit-exact either way: fn only moves data)."""
-  dtype = np.dtype(dtype)
+def convert(fetch: Callable[[], np.ndarray], fn: Callable[[np.ndarray], np.ndarray], dtype=None) -> np.ndarray:
+  """fn(fetch()) cast to dtype (None: unchanged), computed in the narrower of the two dtypes.
+
+  Bit-exact either way (fn only moves data). The source is fetched here, so this frame holds the
+  only reference and each intermediate is freed as soon as the next exists: peak 1.5x the tensor
+  at its wider dtype (a caller holding the source would make it 2x+).
+  """
+  x = fetch()
+  dtype = x.dtype if dtype is None else np.dtype(dtype)
   if dtype.itemsize < x.dtype.itemsize:
     x = x.astype(dtype)
   y = fn(x)
@@ -93,13 +99,12 @@ def export_plan(rules: Sequence[TensorRule], reader: params_io.ParamsReader, dty
 def export_tensors(rules: Sequence[TensorRule], reader: params_io.ParamsReader,
                    dtype=None) -> Iterator[tuple[str, np.ndarray]]:
   for r in rules:
-    x = reader.read(r.flax_path, r.layer)
-    y = convert(x, r.to_torch, dtype if dtype is not None else x.dtype)
-    del x
+    y = convert(lambda r=r: reader.read(r.flax_path, r.layer), r.to_torch, dtype)
     if tuple(y.shape) != tuple(r.torch_shape):
       raise ValueError(f"{r.torch_key}: Flax {'/'.join(r.flax_path)} gives shape {y.shape}, expected "
                        f"{r.torch_shape}")
     yield r.torch_key, y
+    del y  # before converting the next tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,11 +135,11 @@ def lazy_tree(get: Callable[[str], np.ndarray], rules: Sequence[TensorRule],
         raise AssertionError(f"several rules for unstacked leaf {'/'.join(path)}")
       r = rs[0]
       _set(tree, path, params_io.LazyArray.computed(exp.shape, dt, lambda r=r, dt=dt: convert(
-          get(r.torch_key), r.to_flax, dt)))
+          lambda: get(r.torch_key), r.to_flax, dt)))
     else:
       by_layer = {r.layer: r for r in rs}
       if sorted(by_layer) != list(range(exp.shape[0])):
         raise AssertionError(f"{'/'.join(path)}: rules for layers {sorted(by_layer)}, leaf has {exp.shape[0]}")
       _set(tree, path, params_io.LazyArray.per_layer(exp.shape, dt, lambda i, b=by_layer, dt=dt: convert(
-          get(b[i].torch_key), b[i].to_flax, dt)))
+          lambda: get(b[i].torch_key), b[i].to_flax, dt)))
   return tree
