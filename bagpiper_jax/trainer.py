@@ -165,11 +165,15 @@ class Setup:
   def fresh_state(self, seed: int | None = None) -> TrainState:
     """Random params + zero optimizer state in one sharded program (= init_state(init_params()))."""
     seed = int(self.config.seed if seed is None else seed)
+    return self._fresh_fn(jnp.asarray(seed, jnp.uint32))
+
+  @functools.cached_property
+  def _fresh_fn(self):
     batch = _init_batch(self.cfg, self.config)
 
-    def make():
+    def make(seed):
       return self._make_state(nn.unbox(self.model.init(jax.random.key(seed), batch)["params"]))
-    return jax.jit(make, out_shardings=self.state_shardings)()
+    return jax.jit(make, out_shardings=self.state_shardings)
 
   # ---- steps ----
 

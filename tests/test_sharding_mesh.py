@@ -100,7 +100,7 @@ for name, ici, devs in [("one", dict(data=1, fsdp=1, tensor=1, sequence=1), jax.
     run = step.lower(a_state, a_batch).compile()
   else:
     run = s.train_step
-  state = s.init_state(s.init_params())
+  state = s.fresh_state()
   it = SyntheticIterator(s.cfg, rows=8, seq_len=c.data.seq_len, audio_windows=1)
   losses = []
   for _ in range(K):
