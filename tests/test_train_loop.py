@@ -131,3 +131,21 @@ def test_sigterm_saves_and_exits_cleanly(run, tmp_path):
   assert "preempted: checkpoint at step" in rest
   saved = [int(x) for x in os.listdir(tmp_path / "wd" / "checkpoints") if x.isdigit()]
   assert len(saved) == 1 and 3 <= saved[0] < 10000, saved
+
+
+@pytest.mark.heavy
+def test_readme_command_on_demo_data(tmp_path):
+  """`python -m bagpiper_jax.train --config=configs/tiny.py` as in the README (~5 min on 2 cores):
+  generates the demo data, trains 200 steps, evals, ends with a checkpoint."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  wd = tmp_path / "workdirs" / "tiny"
+  p = subprocess.run([sys.executable, "-m", "bagpiper_jax.train", "--config=configs/tiny.py",
+                      f"--workdir={wd}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+  assert p.returncode == 0, p.stderr[-4000:]
+  recs = read_jsonl(str(wd / "metrics.jsonl"))
+  tr = [r for r in recs if r["kind"] == "train"]
+  ev = [r for r in recs if r["kind"] == "eval"]
+  assert tr[-1]["step"] == 200 and tr[-1]["loss"] < tr[0]["loss"] - 2.0, (tr[0]["loss"], tr[-1]["loss"])
+  assert len(ev) == 2 and ev[1]["loss"] < ev[0]["loss"]
+  assert "200" in os.listdir(wd / "checkpoints")
+  assert os.path.isdir(tmp_path / "workdirs" / "demo_data" / "shards")
