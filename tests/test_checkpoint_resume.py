@@ -170,6 +170,9 @@ def test_missing_data_state_and_incompatible_config_are_errors(tmp_path):
   os.remove(tmp_path / "ck" / "2" / "data" / "process_0-of-1.json")
   with pytest.raises(ckpt_lib.CheckpointError, match="process_0-of-1.json"):
     ckpt_lib.Checkpointer(str(tmp_path / "ck"), c).restore(2, _abstract(_toy_state()))
+  # Arrays alone still restore (e.g. onto another process count); the iterator state is then None.
+  state, data = ckpt_lib.Checkpointer(str(tmp_path / "ck"), c).restore(2, _abstract(_toy_state()), data=False)
+  assert data is None and int(state.step) == 3
   # Shape mismatch against the abstract state (e.g. an edited model file): clear error too.
   bad = _abstract(_toy_state())
   bad = bad.replace(params={"w": jax.ShapeDtypeStruct((8, 2), jnp.float32), "n": bad.params["n"]})
