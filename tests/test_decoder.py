@@ -196,8 +196,26 @@ def test_multistream_loss_equals_hand_computed(chunk):
   logits = model.apply({"params": params}, batch, method=Bagpiper.logits)
   expect = _reference_loss(logits, batch, cfg)
   assert abs(float(loss) - expect) < 1e-5 * max(1.0, abs(expect)), (float(loss), expect)
+  # Per-part metrics from the same logits: text = stream-0 non-codec targets, audio = codec cells.
+  text_only = dict(batch, loss_weights=batch["loss_weights"] * (batch["input_ids"] < cfg.codec_start))
+  audio_only = dict(batch, loss_weights=batch["loss_weights"] * (batch["input_ids"] >= cfg.codec_start))
+  n_text = sum(1 for t in range(1, 40) if text_only["loss_weights"][0, t, 0] > 0 and
+               batch["segment_ids"][0, t] == batch["segment_ids"][0, t - 1])
+  assert abs(float(aux["text_loss"]) - _reference_loss(logits, text_only, cfg)) < 1e-5 * n_text
+  audio_w = float(audio_only["loss_weights"][0, 1:].sum())
+  expect_audio = _reference_loss(logits, audio_only, cfg) * 10 / audio_w  # 10 codec rows weigh 10.0
+  assert abs(float(aux["audio_loss"]) - expect_audio) < 1e-4, (float(aux["audio_loss"]), expect_audio)
   # 1 (doc1 closing) + 2 (<assistant> <audio>) + 10 codec rows + 5 (doc2) weighted stream-0 positions.
   assert float(aux["num_target_tokens"]) == 2 + 10 + 1 + 5
+
+
+def test_metrics_are_zero_not_nan_without_audio_targets():
+  cfg = tiny_model_config()
+  ids = np.full((1, 12), 300, np.int32)
+  batch = _text_batch(ids)
+  batch["loss_weights"][0, 3:, 0] = 1.0
+  _, aux = Bagpiper(cfg).apply({"params": _init(cfg, batch)}, batch)
+  assert float(aux["audio_loss"]) == 0.0 and np.isfinite(float(aux["text_loss"]))
 
 
 def test_audio_rows_change_the_output_and_encoder_gets_no_gradient():

@@ -60,12 +60,15 @@ def multistream_loss_sums(h, lm_kernel, stream_offsets, targets, weights, cfg: M
     lse = jnp.concatenate([lse0[..., None], lse_c], axis=-1)
     w = w_c.astype(jnp.float32)
     is_codec0 = (t_c[..., 0] >= cs)
+    audio_w = jnp.concatenate([jnp.where(is_codec0, w[..., 0], 0.0)[..., None], w[..., 1:]], axis=-1)
     return {
         "ce": jnp.sum(w * ce, axis=(0, 1)),
         "z": jnp.sum(w * lse * lse, axis=(0, 1)),
         "weight": jnp.sum(w, axis=(0, 1)),
         "text_ce": jnp.sum(jnp.where(is_codec0, 0.0, w[..., 0] * ce0)),
         "text_weight": jnp.sum(jnp.where(is_codec0, 0.0, w[..., 0])),
+        "audio_ce": jnp.sum(audio_w * ce),
+        "audio_weight": jnp.sum(audio_w),
         "count0": jnp.sum((w[..., 0] > 0).astype(jnp.float32)),
     }
 
@@ -77,7 +80,8 @@ def multistream_loss_sums(h, lm_kernel, stream_offsets, targets, weights, cfg: M
 
   to_chunks = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
   zeros = {"ce": jnp.zeros((s,)), "z": jnp.zeros((s,)), "weight": jnp.zeros((s,)),
-           "text_ce": jnp.zeros(()), "text_weight": jnp.zeros(()), "count0": jnp.zeros(())}
+           "text_ce": jnp.zeros(()), "text_weight": jnp.zeros(()), "audio_ce": jnp.zeros(()),
+           "audio_weight": jnp.zeros(()), "count0": jnp.zeros(())}
   sums, _ = jax.lax.scan(body, zeros, (to_chunks(h), to_chunks(targets), to_chunks(weights)))
   return sums
 
@@ -86,11 +90,11 @@ def finalize_loss(sums, cfg: ModelConfig):
   """Loss = weighted CE sum over all streams / number of stream-0 positions with nonzero weight."""
   denom = jnp.maximum(sums["count0"], 1.0)
   loss = (jnp.sum(sums["ce"]) + cfg.z_loss_weight * jnp.sum(sums["z"])) / denom
-  safe = lambda a, b: a / jnp.maximum(b, 1e-9)
+  safe = lambda a, b: jnp.where(b > 0, a / jnp.maximum(b, 1e-9), 0.0)
   aux = {
       "loss": loss,
       "text_loss": safe(sums["text_ce"], sums["text_weight"]),
-      "audio_loss": safe(jnp.sum(sums["ce"]) - sums["text_ce"], jnp.sum(sums["weight"]) - sums["text_weight"]),
+      "audio_loss": safe(sums["audio_ce"], sums["audio_weight"]),  # 0 when the batch has no audio targets
       "stream_loss": safe(sums["ce"], sums["weight"]),  # mean CE per stream
       "num_target_tokens": sums["count0"],
   }
