@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 from typing import Any, Mapping
 
 import flax
@@ -38,7 +37,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from bagpiper_jax import optim, sharding
 from bagpiper_jax.model import Bagpiper, ModelConfig, dummy_batch
@@ -178,29 +177,9 @@ class Setup:
   # ---- steps ----
 
   def _ctx(self):
-    return _MeshRules(self.mesh, constraints=self.activation_constraints)
-
-  @functools.cached_property
-  def activation_constraints(self) -> bool:
-    """Whether the model traces with its `with_logical_constraint`s active on this mesh.
-
-    Flax re-runs a param's init function abstractly inside `apply` to check shapes; for a
-    DenseGeneral with a multi-axis boxed kernel that check applies a rank-mismatched constraint
-    under a mesh and fails. Then we trace without the mesh context (params and batch keep their
-    explicit shardings; only the activation hints are dropped) and say so, rather than crash.
-    """
-    # One row per batch shard: shard_map'd kernels (splash attention) need the batch to divide.
-    batch = dummy_batch(self.cfg, sharding.batch_shards(self.mesh), min(16, int(self.config.data.seq_len)), 1)
-    try:
-      with _MeshRules(self.mesh, constraints=True):
-        jax.eval_shape(lambda p: self.model.apply({"params": p}, batch), self.abstract_params)
-      return True
-    except ValueError as e:
-      if "with_sharding_constraint" not in str(e):
-        raise
-      logging.warning("model activation sharding constraints disabled (the model's param init "
-                      "does not trace under a mesh): %s", str(e).splitlines()[0][:300])
-      return False
+    """The abstract mesh + logical rules, so the model's activation constraints resolve (the model's
+    params are created at full rank, so this always traces: tests/test_decoder.py checks it)."""
+    return _MeshRules(self.mesh)
 
   def _micro(self, trainable, frozen, micro):
     """Per micro-batch: (weighted loss sum, aux sums, grads of the weighted sum)."""
@@ -297,13 +276,12 @@ class _MeshRules:
   """Inside a traced step: the abstract mesh + logical rules, so the model's
   `nn.with_logical_constraint` annotations resolve against the training mesh."""
 
-  def __init__(self, mesh: Mesh, constraints: bool = True):
-    self.mesh, self.constraints = mesh, constraints
+  def __init__(self, mesh: Mesh):
+    self.mesh = mesh
 
   def __enter__(self):
     self._stack = contextlib.ExitStack()
-    if self.constraints:
-      self._stack.enter_context(jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh))
+    self._stack.enter_context(jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh))
     self._stack.enter_context(nn.logical_axis_rules(sharding.LOGICAL_RULES))
     return self
 

@@ -7,7 +7,6 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from bagpiper_jax.model.config import AudioEncoderConfig, ModelConfig  # noqa: E402

@@ -152,7 +152,6 @@ def _mixed_batch(cfg: ModelConfig):
   pad = 3
   for _ in range(pad):
     text(0)
-  l = len(rows)
   mel = np.zeros((1, 1, enc.chunks_per_window, enc.num_mel_bins, enc.chunk_frames), np.float32)
   mel[0, 0, 0] = np.random.default_rng(2).normal(size=(enc.num_mel_bins, enc.chunk_frames))
   mel[0, 0, 1, :, :40] = np.random.default_rng(3).normal(size=(enc.num_mel_bins, 40))

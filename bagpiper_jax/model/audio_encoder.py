@@ -33,14 +33,13 @@ max_len_after_cnn = 13.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from bagpiper_jax.model.config import AudioEncoderConfig, conv_out_length
+from bagpiper_jax.model.config import AudioEncoderConfig
 from bagpiper_jax.model.layers import Proj, remat_policy
 
 Dtype = jnp.dtype
