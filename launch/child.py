@@ -8,6 +8,7 @@ JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID for each child; he
 `initialize` explicitly and then run MODULE exactly as `python -m MODULE ARGS...` would, so the
 program under test (e.g. bagpiper_jax.train) carries no launcher code. Without those variables
 (e.g. on a TPU VM) `initialize()` is called with no arguments and auto-detects the cluster.
+A process that fails exits at once with its status (see `_exit_now`), so its peers do not hang.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import runpy
 import sys
+import traceback
 
 
 def initialize_from_env() -> None:
@@ -40,7 +42,30 @@ def main(argv: list[str]) -> None:
   initialize_from_env()
   module = argv[1]
   sys.argv = [module] + argv[2:]
-  runpy.run_module(module, run_name="__main__", alter_sys=True)
+  try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+  except SystemExit as e:
+    if e.code in (None, 0):
+      raise
+    if not isinstance(e.code, int):
+      print(e.code, file=sys.stderr)
+    _exit_now(e.code if isinstance(e.code, int) else 1)
+  except BaseException:  # pylint: disable=broad-except
+    traceback.print_exc()
+    _exit_now(1)
+
+
+def _exit_now(code: int) -> None:
+  """Exit without the atexit `jax.distributed.shutdown()`.
+
+  That shutdown is a barrier with every other process: a process that failed would sit in it
+  (for minutes) waiting for peers that are themselves waiting for it in a collective, so nobody
+  would see the failure. Exiting at once lets the launcher (or the coordination service's
+  heartbeat) stop the others.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ collectives are not counted, as in MFU accounting. `cond` counts its most expens
 `while` with a data-dependent trip count is counted once and reported in `unknown_trip_loops`.
 A Pallas kernel (`pallas_call`, e.g. splash attention) counts its own cost estimate when it has
 one, else its body times the number of grid cells; kernels that skip fully masked blocks at run
-time (causal splash) are therefore counted dense, an upper bound for their share.
+time (causal splash) are therefore counted dense, an upper bound for their share. A `shard_map`
+body holds one shard's shapes along its manual axes, so it counts once per shard: the totals are
+global (all devices together).
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ def _conv_flops(eqn) -> float:
   in_feat = rhs[rhs_spec[1]]
   window = math.prod(rhs[d] for d in rhs_spec[2:])
   return 2.0 * math.prod(out) * in_feat * window
+
+
+def _manual_shards(params) -> int:
+  mesh = params["mesh"]
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  axes = params.get("newly_manual_axes", params.get("manual_axes"))
+  if axes is None:
+    axes = set(mesh.axis_names) - set(params.get("auto", ()))
+  return math.prod(sizes[a] for a in axes)
 
 
 def _sub_jaxprs(value: Any):
@@ -105,6 +116,10 @@ def count_jaxpr(jaxpr) -> FlopCount:
         cells = float(math.prod(eqn.params["grid_mapping"].grid))
         body.kernel_flops = body.flops
         total.add(body, cells)
+      continue
+    if name == "shard_map":
+      # The body sees one shard along the manual axes: it runs once per shard.
+      total.add(count_jaxpr(eqn.params["jaxpr"]), float(_manual_shards(eqn.params)))
       continue
     if name == "while":
       body = count_jaxpr(eqn.params["body_jaxpr"])

@@ -16,8 +16,8 @@ Each child process gets
 and runs `python -m launch.child <module> <args>`, which calls `jax.distributed.initialize` from
 those variables and then runs <module> as __main__ (so the program itself needs no launcher code;
 do NOT also pass it --jax_distributed). The children's output is streamed here prefixed with
-[p<i>] (and written to <log_dir>/process_<i>.log with --log_dir). If one child fails, the others are
-stopped and the exit status is that child's.
+[p<i>] (and written to <log_dir>/process_<i>.log with --log_dir). If one child fails, the others get
+SIGTERM, then SIGKILL after a grace period, and the exit status is the failed child's.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class Result:
 
 def launch(module: str, args: Sequence[str] = (), *, num_processes: int = 2, devices_per_process: int = 4,
            port: int = 0, log_dir: str | None = None, timeout: float | None = None, echo: bool = True,
-           cwd: str | None = None, extra_env: dict | None = None) -> Result:
+           cwd: str | None = None, extra_env: dict | None = None, grace: float = 10.0) -> Result:
   """Runs `python -m <module> <args>` as `num_processes` distributed processes; returns their status."""
   if num_processes < 1 or devices_per_process < 1:
     raise ValueError(f"need num_processes >= 1 and devices_per_process >= 1, got {num_processes}, "
@@ -114,15 +114,22 @@ def launch(module: str, args: Sequence[str] = (), *, num_processes: int = 2, dev
     t.start()
     pumps.append(t)
   deadline = None if timeout is None else time.monotonic() + timeout
-  first_failed = None
+  first_failed, stop_at = None, 0.0
   try:
     while any(p.poll() is None for p in procs):
       bad = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
       if bad and first_failed is None:
         first_failed = bad[0]  # the others would wait for it in a collective until the timeout
+        stop_at = time.monotonic()
         for p in procs:
           if p.poll() is None:
             p.terminate()
+      if first_failed is not None and time.monotonic() - stop_at > grace:
+        # JAX's distributed runtime turns SIGTERM into a preemption notice, and a process blocked in a
+        # collective with a dead peer never gets to act on it: kill what is left after the grace period.
+        for p in procs:
+          if p.poll() is None:
+            p.kill()
       if deadline is not None and time.monotonic() > deadline:
         for p in procs:
           if p.poll() is None:

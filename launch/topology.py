@@ -7,8 +7,8 @@ for v4/v5p (2 per chip, fused as one "megacore" device) and chips for v5e/v6e, s
 chips = 64 JAX devices, while v5e-256 is 256 chips = 256 devices.
 
 Accepted spellings:
-  v5p-128, v6e-256, v5e-16, v4-32       user-facing names (power-of-two sizes: the shape is derived
-                                        the way Cloud TPU lays out its default slices)
+  v5p-128, v6e-256, v5e-16, v4-32       user-facing names; power-of-two sizes, the grid derived the way
+                                        Cloud TPU lays out its default slices (v5litepod-16 = v5e-16)
   v5p:4x4x12, v6e:8x16                  any explicit chip grid (non-default or non-power-of-two shapes)
 """
 
@@ -20,6 +20,7 @@ import os
 import re
 
 GIB = 1024 ** 3
+ALIASES = {"v5litepod": "v5e"}  # gcloud / xpk spell v5e slices v5litepod-N
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +106,7 @@ def parse(name: str, num_slices: int = 1) -> Topology:
   known = ", ".join(sorted(CHIPS))
   m = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name)
   if m:
-    gen, n = m.group(1), int(m.group(2))
+    gen, n = ALIASES.get(m.group(1), m.group(1)), int(m.group(2))
     if gen not in CHIPS:
       raise ValueError(f"--topology={name}: unknown TPU generation {gen!r}; known: {known}")
     chip = CHIPS[gen]
@@ -137,6 +138,9 @@ def set_compile_only_env(topo: Topology) -> None:
   them libtpu probes the GCE metadata server and warns that it cannot find the accelerator type.
   """
   os.environ["TPU_SKIP_MDS_QUERY"] = "1"
+  # libtpu takes /tmp/libtpu_lockfile so that two processes never drive one TPU; compile-only use
+  # drives none, and any JAX process on this host that probed the TPU plugin would otherwise block us.
+  os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
   os.environ["TPU_ACCELERATOR_TYPE"] = topo.accelerator_type
   os.environ["TPU_WORKER_ID"] = "0"
   os.environ["TPU_WORKER_HOSTNAMES"] = "localhost"

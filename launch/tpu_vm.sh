@@ -101,6 +101,11 @@ case $CMD in
     rm -rf "$TMPD"
     ;;
   train)
+    [[ "${1:-}" == "--" ]] && shift
+    if [[ "$NUM_SLICES" -gt 1 && " $* " != *"--config.mesh.dcn."* ]]; then
+      set -- "$@" "--config.mesh.dcn.data=$NUM_SLICES"
+      echo "tpu_vm.sh: $NUM_SLICES slices: added --config.mesh.dcn.data=$NUM_SLICES (data parallel over DCN)" >&2
+    fi
     ARGS=$(after_dashdash "$@")
     # nohup + pid file: the run survives the ssh session; `stop` signals exactly this process.
     on_all_workers "cd $REMOTE_DIR && mkdir -p $LOG_DIR && \

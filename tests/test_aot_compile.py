@@ -70,6 +70,22 @@ def test_flop_count_counts_scan_trip_and_remat():
   assert flop_count.count_traced(traced).flops == length * 4 * 2 * n ** 3
 
 
+def test_flop_count_shard_map_counts_every_shard():
+  from jax.sharding import Mesh, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("a", "b"))
+  n = 16
+  f = jax.shard_map(lambda x, y: x @ y, mesh=mesh, in_specs=(P("a", None), P()), out_specs=P("a", None),
+                    axis_names={"a"})
+  traced = jax.jit(f).trace(jax.ShapeDtypeStruct((n, n), jnp.float32), jax.ShapeDtypeStruct((n, n), jnp.float32))
+  assert flop_count.count_traced(traced).flops == 2 * n ** 3
+  # With 4 shards the body holds a quarter of the rows and runs 4 times: same total.
+  body = jax.make_jaxpr(lambda x, y: x @ y)(jnp.zeros((n // 4, n)), jnp.zeros((n, n)))
+  fake = types.SimpleNamespace(axis_names=("a", "b"), axis_sizes=(4, 2))
+  assert flop_count._manual_shards({"mesh": fake, "newly_manual_axes": frozenset({"a"})}) == 4
+  assert 4 * flop_count.count_jaxpr(body).flops == 2 * n ** 3
+
+
 def test_memory_report_fit_decision():
   from launch import aot_compile  # pylint: disable=g-import-not-at-top
   gib = topology.GIB
