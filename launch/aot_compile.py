@@ -53,14 +53,18 @@ from launch import topology as topology_lib  # noqa: E402
 
 NOT_FIT_EXIT = 3
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/bagpiper_8b.py:pretrain.")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-128, v6e-256, v5e-16, v4-32, v5p:4x4x12.")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice over DCN).")
-_ASSUMED_MFU = flags.DEFINE_float("assumed_mfu", 0.4, "MFU assumed for the step-time estimate.")
-_STEP_TIME = flags.DEFINE_float("step_time", 0.0, "Measured seconds per step on the pod (optional): "
-                                "print the MFU it implies.")
-_REPORT_JSON = flags.DEFINE_string("report_json", "", "Also write the report as JSON to this path.")
-_DUMP_HLO = flags.DEFINE_string("dump_hlo", "", "Write the optimized per-device HLO text to this path.")
+
+
+def define_flags() -> None:
+  """Flags are defined only when this file runs as the program, so importing it (tests, notebooks)
+  next to bagpiper_jax.train, which also defines --config, does not clash."""
+  config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/bagpiper_8b.py:pretrain.")
+  flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-128, v6e-256, v5e-16, v4-32, v5p:4x4x12.")
+  flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice over DCN).")
+  flags.DEFINE_float("assumed_mfu", 0.4, "MFU assumed for the step-time estimate.")
+  flags.DEFINE_float("step_time", 0.0, "Measured seconds per step on the pod (optional): print the MFU it implies.")
+  flags.DEFINE_string("report_json", "", "Also write the report as JSON to this path.")
+  flags.DEFINE_string("dump_hlo", "", "Write the optimized per-device HLO text to this path.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +217,7 @@ def format_report(rep: dict) -> str:
     out.append(f"  lower {rep['timing']['lower_s']:.1f} s, compile {rep['timing']['compile_s']:.1f} s")
   m = rep.get("memory")
   if m is None:
-    out.append(f"  DOES NOT FIT: XLA ran out of memory while compiling:\n    "
+    out.append("  DOES NOT FIT: XLA ran out of memory while compiling:\n    "
                + rep["oom"].replace("\n", "\n    "))
     return "\n".join(out)
   out.append("  per-chip memory (compiled.memory_analysis):")
@@ -280,21 +284,23 @@ def run(config, topology: str, num_slices: int = 1, *, assumed_mfu: float = 0.4,
 
 
 def main(argv):
+  F = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if _CONFIG.value is None or not _TOPOLOGY.value:
+  if F.config is None or not F.topology:
     raise app.UsageError("--config and --topology are required, e.g. "
                          "--config=configs/bagpiper_8b.py:pretrain --topology=v5p-128")
-  rep = run(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, assumed_mfu=_ASSUMED_MFU.value,
-            step_time=_STEP_TIME.value, config_name=config_flags.get_config_filename(flags.FLAGS["config"]),
-            dump_hlo=_DUMP_HLO.value)
+  rep = run(F.config, F.topology, F.num_slices, assumed_mfu=F.assumed_mfu,
+            step_time=F.step_time, config_name=config_flags.get_config_filename(flags.FLAGS["config"]),
+            dump_hlo=F.dump_hlo)
   print(format_report(rep), flush=True)
-  if _REPORT_JSON.value:
-    with open(_REPORT_JSON.value, "w") as f:
+  if F.report_json:
+    with open(F.report_json, "w") as f:
       json.dump(rep, f, indent=1, default=str)
   if not rep["fits"]:
     sys.exit(NOT_FIT_EXIT)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
