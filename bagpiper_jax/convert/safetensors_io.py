@@ -74,7 +74,22 @@ def read_header(path: str) -> dict[str, TensorInfo]:
   return out
 
 
-class SafetensorsReader:
+class TensorIndex:
+  """What every streaming reader offers: `self.tensors` maps names to entries with a `.shape`."""
+
+  tensors: Mapping
+
+  def keys(self) -> list[str]:
+    return list(self.tensors)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.tensors
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    return {k: v.shape for k, v in self.tensors.items()}
+
+
+class SafetensorsReader(TensorIndex):
   """All tensors of a checkpoint directory (sharded with an index, or loose *.safetensors files).
 
   `get(name)` reads exactly one tensor into fresh memory. Only headers are read up front.
@@ -105,15 +120,6 @@ class SafetensorsReader:
         if name in self.tensors:
           raise ValueError(f"tensor {name} appears in both {self.tensors[name].file} and {fn}")
         self.tensors[name] = info
-
-  def keys(self) -> list[str]:
-    return list(self.tensors)
-
-  def __contains__(self, name: str) -> bool:
-    return name in self.tensors
-
-  def shapes(self) -> dict[str, tuple[int, ...]]:
-    return {k: v.shape for k, v in self.tensors.items()}
 
   def get(self, name: str, rows: slice | None = None) -> np.ndarray:
     """One tensor (or a contiguous block of its leading axis) as a new numpy array."""

@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 import ml_dtypes
 import numpy as np
 
-from bagpiper_jax.convert.safetensors_io import PlannedTensor
+from bagpiper_jax.convert.safetensors_io import PlannedTensor, TensorIndex
 
 _STORAGE_DTYPES = {
     "FloatStorage": np.dtype(np.float32), "DoubleStorage": np.dtype(np.float64),
@@ -101,7 +101,7 @@ class _Unpickler(pickle.Unpickler):
     return _StorageRef(str(key), _STORAGE_DTYPES[str(storage_type)], int(numel))
 
 
-class PtReader:
+class PtReader(TensorIndex):
   """Tensors of a torch zip checkpoint holding a state dict (at top level or under 'module')."""
 
   def __init__(self, path: str):
@@ -127,15 +127,6 @@ class PtReader:
     if bad:
       raise ValueError(f"{path}: state dict entries that are not tensors: {bad[:20]}")
     self.tensors: dict[str, _LazyTensor] = dict(obj)
-
-  def keys(self) -> list[str]:
-    return list(self.tensors)
-
-  def __contains__(self, name: str) -> bool:
-    return name in self.tensors
-
-  def shapes(self) -> dict[str, tuple[int, ...]]:
-    return {k: v.shape for k, v in self.tensors.items()}
 
   def get(self, name: str) -> np.ndarray:
     if name not in self.tensors:
