@@ -35,7 +35,8 @@ PROJECT_FLAG=()
 LOG_DIR='$HOME/bagpiper_logs'
 
 g() {  # run (or print) one gcloud command
-  if [[ "${DRY_RUN:-0}" == 1 ]]; then printf 'gcloud'; printf ' %q' "$@"; printf '\n'; else gcloud "$@"; fi
+  # Dry run: one printf of the whole line, so commands started in parallel never interleave.
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then printf 'gcloud%s\n' "$(printf ' %q' "$@")"; else gcloud "$@"; fi
 }
 
 nodes() {
