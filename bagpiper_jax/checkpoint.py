@@ -201,21 +201,18 @@ class Checkpointer:
 
 
 def load_params(path: str, abstract_params) -> Any:
-  """Params only, from a Checkpointer directory (latest step) or one step directory (init_from)."""
-  p = epath.Path(path)
-  if not p.exists():
-    raise CheckpointError(f"config.init_from={path!r}: no such directory")
-  step_dir = p
-  if not (p / "params").exists():
-    steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "params").exists())
-    if not steps:
-      raise CheckpointError(f"config.init_from={path!r}: neither a checkpoint step (no 'params' item) "
-                            "nor a checkpoint directory with finished steps")
-    step_dir = p / str(steps[-1])
-  logging.info("init_from: loading params from %s", step_dir)
+  """Params only, from a Checkpointer directory (latest step) or one step directory (init_from).
+
+  The directory rules are params_io's (the same that conversion uses), errors are init_from's."""
+  from bagpiper_jax.convert import params_io  # pylint: disable=g-import-not-at-top
   try:
-    with ocp.StandardCheckpointer() as ckptr:
-      return ckptr.restore(step_dir / "params", abstract_params)
+    item = params_io.resolve_params_dir(path)
+  except params_io.ParamsIOError as e:
+    raise CheckpointError(f"config.init_from={path!r}: neither a checkpoint step nor a checkpoint "
+                          f"directory with finished steps ({e})") from e
+  logging.info("init_from: loading params from %s", item)
+  try:
+    return params_io.load_params(item, abstract_params)
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f"config.init_from: params in {step_dir} could not be loaded into this model "
+    raise CheckpointError(f"config.init_from: params in {item} could not be loaded into this model "
                           f"({type(e).__name__}: {e})") from e

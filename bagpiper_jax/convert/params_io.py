@@ -31,6 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from etils import epath
 from orbax.checkpoint._src.futures import future as ocp_future
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
@@ -208,24 +209,23 @@ def write_model_config(path: str, cfg: ModelConfig) -> None:
 # Finding and reading.
 
 
-def _is_params_item(d: str) -> bool:
-  return os.path.isfile(os.path.join(d, "_METADATA"))
+def _is_params_item(d: epath.Path) -> bool:
+  return (d / "_METADATA").is_file()
 
 
 def resolve_params_dir(path: str) -> str:
   """The Orbax params item for `path`: a save_params dir, a checkpoint step dir, a Checkpointer
-  directory (its latest finished step), or the params item itself."""
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
+  directory (its latest finished step), or the params item itself. Local or remote (gs://)."""
+  p = epath.Path(path if "://" in str(path) else os.path.abspath(path))
+  if not p.exists():
     raise ParamsIOError(f"{path}: no such directory")
-  if _is_params_item(os.path.join(path, PARAMS_ITEM)):
-    return os.path.join(path, PARAMS_ITEM)
-  if _is_params_item(path):
-    return path
-  steps = sorted(int(c) for c in os.listdir(path)
-                 if c.isdigit() and _is_params_item(os.path.join(path, c, PARAMS_ITEM)))
+  if _is_params_item(p / PARAMS_ITEM):
+    return str(p / PARAMS_ITEM)
+  if _is_params_item(p):
+    return str(p)
+  steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit() and _is_params_item(c / PARAMS_ITEM))
   if steps:
-    return os.path.join(path, str(steps[-1]), PARAMS_ITEM)
+    return str(p / str(steps[-1]) / PARAMS_ITEM)
   raise ParamsIOError(f"{path}: not a params checkpoint (no {PARAMS_ITEM}/_METADATA, no _METADATA, "
                       "and no numbered step directories with a params item)")
 
