@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bagpiper_jax.model.config import (ASSISTANT, AUDIO, BOS, EOS, TEXT, USER, ModelConfig,
-                                       conv_out_length)
+from bagpiper_jax.data import template
+from bagpiper_jax.model.config import ModelConfig
 
 
 class SyntheticIterator:
@@ -40,80 +40,54 @@ class SyntheticIterator:
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
   def _row(self, rng) -> dict:
-    cfg, L, S = self.cfg, self.seq_len, self.cfg.num_streams
+    """Two documents written as records and templated by the pipeline's own `template_example`."""
+    cfg, L = self.cfg, self.seq_len
     enc = cfg.audio_encoder
-    ids = np.zeros((L, S), np.int32)
-    w = np.zeros((L, S), np.float32)
-    seg = np.zeros((L,), np.int32)
-    pos = np.zeros((L,), np.int32)
-    out = {}
-    t = 0
-    doc = 0
-
-    def put(row_ids, weight, doc_id, start):
-      nonlocal t
-      ids[t] = row_ids
-      w[t] = weight
-      seg[t] = doc_id
-      pos[t] = t - start
-      t += 1
-
-    text = lambda i: np.array([cfg.num_specials + i % cfg.text_vocab_size] + [0] * (S - 1), np.int32)
-    tok = lambda i: np.array([i] + [0] * (S - 1), np.int32)
-    one = np.array([1.0] + [0.0] * (S - 1), np.float32)
-    zero = np.zeros((S,), np.float32)
+    text = lambda ids: np.asarray([cfg.num_specials + i % cfg.text_vocab_size for i in ids], np.int32)
+    docs = []
     # Document 1: audio -> text (needs an encoder window).
     if self.windows:
-      mel = rng.standard_normal((self.windows, enc.chunks_per_window, enc.num_mel_bins,
-                                 enc.chunk_frames)).astype(np.float32) * 0.5
-      lens = np.zeros((self.windows, enc.chunks_per_window), np.int32)
       nchunks = int(rng.integers(1, 3))
-      lens[0, :nchunks] = enc.chunk_frames
-      lens[0, nchunks - 1] = int(rng.integers(20, enc.chunk_frames + 1))
-      n_frames = sum(conv_out_length(int(x)) for x in lens[0] if x)
-      audio_rows = np.full((L,), -1, np.int32)
+      frames = (nchunks - 1) * enc.chunk_frames + int(rng.integers(20, enc.chunk_frames + 1))
+      mel = rng.standard_normal((enc.num_mel_bins, frames)).astype(np.float32) * 0.5
       ntxt = int(rng.integers(8, 24))
-      if 6 + n_frames + 4 + ntxt <= L // 2:
-        doc += 1
-        start = t
-        for i in (BOS, USER, AUDIO):
-          put(tok(i), zero, doc, start)
-        frame = 0
-        for c, n in enumerate(lens[0]):
-          for j in range(conv_out_length(int(n)) if n else 0):
-            audio_rows[t] = c * enc.frames_per_chunk_out + j
-            put(np.zeros(S, np.int32), zero, doc, start)
-            frame += 1
-        put(tok(EOS), zero, doc, start)
-        a, step = int(rng.integers(0, 50)), int(rng.integers(1, 4))
-        for i in (ASSISTANT, TEXT):
-          put(tok(i), one, doc, start)
-        for k in range(ntxt):
-          put(text(a + step * k), one, doc, start)
-        put(tok(EOS), one, doc, start)
-      out.update(audio_mel=mel, audio_chunk_lens=lens, audio_rows=audio_rows)
+      a, step = int(rng.integers(0, 50)), int(rng.integers(1, 4))
+      und = template.template_example({"id": "und", "messages": [
+          {"role": "user", "modality": "audio", "mel": mel},
+          {"role": "assistant", "modality": "text", "text_ids": text(a + step * np.arange(ntxt))}]}, cfg)
+      if len(und["input_ids"]) <= L // 2:
+        docs.append(und)
     # Document 2: text -> audio (delay-interleaved codec frames).
     frames = int(rng.integers(4, 16))
-    if t + 10 + frames + S + 2 <= L:
-      doc += 1
-      start = t
-      for i in (BOS, USER, TEXT):
-        put(tok(i), zero, doc, start)
-      a = int(rng.integers(0, 50))
-      for k in range(4):
-        put(text(a + k), zero, doc, start)
-      put(tok(EOS), zero, doc, start)
-      for i in (ASSISTANT, AUDIO):
-        put(tok(i), one, doc, start)
-      for r in range(frames + S - 1):
-        row = np.zeros(S, np.int32)
-        for s in range(S):
-          f = r - s
-          row[s] = (cfg.codec_id(s, (a + 3 * f + s) % cfg.codebook_size) if 0 <= f < frames
-                    else cfg.codec_pad_id(s))
-        put(row, np.full((S,), 1.0 / S, np.float32), doc, start)
-      put(tok(EOS), one, doc, start)
-    out.update(input_ids=ids, loss_weights=w, segment_ids=seg, positions=pos)
+    a = int(rng.integers(0, 50))
+    codes = (a + 3 * np.arange(frames)[:, None] + np.arange(cfg.num_streams)[None]) % cfg.codebook_size
+    gen = template.template_example({"id": "gen", "messages": [
+        {"role": "user", "modality": "text", "text_ids": text(a + np.arange(4))},
+        {"role": "assistant", "modality": "audio", "codes": codes}]}, cfg)
+    if sum(len(d["input_ids"]) for d in docs) + len(gen["input_ids"]) <= L:
+      docs.append(gen)
+
+    out = {"input_ids": np.zeros((L, cfg.num_streams), np.int32),
+           "loss_weights": np.zeros((L, cfg.num_streams), np.float32),
+           "segment_ids": np.zeros((L,), np.int32), "positions": np.zeros((L,), np.int32)}
+    if self.windows:
+      out["audio_mel"] = np.zeros((self.windows, enc.chunks_per_window, enc.num_mel_bins, enc.chunk_frames),
+                                  np.float32)
+      out["audio_chunk_lens"] = np.zeros((self.windows, enc.chunks_per_window), np.int32)
+      out["audio_rows"] = np.full((L,), -1, np.int32)
+    t = 0
+    for doc_id, d in enumerate(docs, start=1):
+      n = len(d["input_ids"])
+      out["input_ids"][t:t + n] = d["input_ids"]
+      out["loss_weights"][t:t + n] = d["loss_weights"]
+      out["segment_ids"][t:t + n] = doc_id
+      out["positions"][t:t + n] = np.arange(n)
+      w = len(d["audio_mel"])
+      if w:  # only document 1 has audio, and it starts at window 0
+        out["audio_mel"][:w] = d["audio_mel"]
+        out["audio_chunk_lens"][:w] = d["audio_chunk_lens"]
+        out["audio_rows"][t:t + n] = d["audio_rows"]
+      t += n
     return out
 
 
