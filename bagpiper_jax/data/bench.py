@@ -130,10 +130,9 @@ def bench_config(sources, *, seq_len: int, max_audio_windows: int, host_batch: i
   c.data.seq_len = seq_len
   c.data.max_audio_windows = max_audio_windows
   c.data.num_workers = num_workers
-  with c.unlocked():
-    c.data.host_batch = host_batch
-    c.data.read_threads = read_threads
-    c.data.packing_bins = packing_bins
+  c.data.host_batch = host_batch
+  c.data.read_threads = read_threads
+  c.data.packing_bins = packing_bins
   return c
 
 
