@@ -24,9 +24,13 @@ import os
 import statistics
 import time
 
+import jax
 import numpy as np
-
 from absl import app, flags
+
+from bagpiper_jax import config_lib, metrics, sharding, trainer
+from bagpiper_jax.model import ModelConfig
+from bagpiper_jax.synthetic import SyntheticIterator
 
 PRESETS = {
     # name: (text_vocab, hidden, mlp, layers, heads, kv_heads, head_dim, rows, seq_len)
@@ -42,13 +46,16 @@ _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Only the jax side and the 
 
 
 def bench_config(preset: str, remat: str = "none"):
-  from bagpiper_jax import synthetic  # pylint: disable=g-import-not-at-top
+  """A pretrain config with the preset's decoder, fp32, no audio in the batch, one device."""
   v, e, f, n, h, k, d, rows, seq = PRESETS[preset]
-  c = synthetic.tiny_train_config(seq_len=seq, rows_per_device=rows, audio_windows=0, steps=1000)
-  c.model.text_vocab_size, c.model.hidden_size, c.model.intermediate_size = v, e, f
-  c.model.num_layers, c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = n, h, k, d
-  c.model.remat_policy = remat
-  c.model.loss_chunk_size = min(512, seq)
+  c = config_lib.base_config("pretrain")
+  c.model = config_lib.model_config(
+      text_vocab_size=v, hidden_size=e, intermediate_size=f, num_layers=n, num_heads=h, num_kv_heads=k,
+      head_dim=d, dtype="float32", remat_policy=remat, loss_chunk_size=min(512, seq))
+  c.data.synthetic = True
+  c.data.seq_len = seq
+  c.data.max_audio_windows = 0
+  c.data.per_device_batch = rows
   c.mesh.ici = dict(data=1, fsdp=1, tensor=1, sequence=1)
   return c
 
@@ -65,12 +72,9 @@ def _timed(fn, steps: int) -> list[float]:
 
 
 def bench_jax(config, steps: int) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax import sharding, trainer  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.synthetic import SyntheticIterator  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(config, devices=jax.devices()[:1])
   s = trainer.Setup(config, mesh)
-  box = {"state": s.fresh_state()}
+  box = {"state": s.layout.fresh_state()}
   it = SyntheticIterator(s.cfg, rows=int(config.data.per_device_batch), seq_len=int(config.data.seq_len),
                          audio_windows=0)
   batch = s.host_to_device([next(it)])
@@ -90,8 +94,7 @@ def bench_jax(config, steps: int) -> dict:
 def bench_torch(config, ids, steps: int) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   from transformers import Qwen3Config, Qwen3ForCausalLM  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.trainer import model_config  # pylint: disable=g-import-not-at-top
-  cfg = model_config(config)
+  cfg = ModelConfig.from_dict(config.model)
   hf = Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                    intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
                    num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
@@ -118,7 +121,6 @@ def bench_torch(config, ids, steps: int) -> dict:
 
 
 def matmul_peaks(n: int) -> dict:
-  from bagpiper_jax import metrics  # pylint: disable=g-import-not-at-top
   out = {"jax": metrics.measure_matmul_peak(n, repeats=3)}
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -138,10 +140,8 @@ def _g(x: float) -> str:
 def main(argv):
   del argv
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from bagpiper_jax import metrics, trainer  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   config = bench_config(_PRESET.value, _REMAT.value)
-  cfg = trainer.model_config(config)
+  cfg = ModelConfig.from_dict(config.model)
   rows, seq = int(config.data.per_device_batch), int(config.data.seq_len)
   tokens = rows * seq
   flops = metrics.train_flops_per_step(cfg, rows=rows, seq_len=seq, audio_windows=0)

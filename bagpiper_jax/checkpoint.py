@@ -29,6 +29,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from bagpiper_jax.convert import params_io
+
 
 class CheckpointError(RuntimeError):
   pass
@@ -98,15 +100,29 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 # ---------------------------------------------------------------------------------------------
 
 
-def _model_diff(saved: dict, current: dict, prefix: str = "model") -> list[str]:
+def _dict_diff(saved: dict, current: dict, prefix: str, what: str) -> list[str]:
   out = []
   for k in sorted(set(saved) | set(current)):
     a, b = saved.get(k, "<absent>"), current.get(k, "<absent>")
     if isinstance(a, dict) and isinstance(b, dict):
-      out += _model_diff(a, b, f"{prefix}.{k}")
+      out += _dict_diff(a, b, f"{prefix}.{k}", what)
     elif a != b:
-      out.append(f"{prefix}.{k}: checkpoint {a!r} vs config {b!r}")
+      out.append(f"{prefix}.{k}: {what} {a!r} vs config {b!r}")
   return out
+
+
+def config_diff(saved: dict | str, config, what: str = "checkpoint") -> list[str]:
+  """What makes a saved run config (dict or its JSON) another model than `config`: the model
+  section, the stage, and what is frozen (the optimizer state's structure). One line per key."""
+  if isinstance(saved, str):
+    saved = json.loads(saved)
+  diff = _dict_diff(saved.get("model", {}), config.model.to_dict(), "model", what)
+  if saved.get("stage", config.stage) != config.stage:
+    diff.append(f"stage: {what} {saved.get('stage')!r} vs config {config.stage!r}")
+  frz = (list(saved.get("trainable", {}).get("freeze", [])), list(config.trainable.freeze))
+  if frz[0] != frz[1]:
+    diff.append(f"trainable.freeze: {what} {frz[0]} vs config {frz[1]}")
+  return diff
 
 
 class Checkpointer:
@@ -151,10 +167,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f"checkpoint {self.directory / str(step)}: cannot read its config item "
                             f"({type(e).__name__}: {e}). Refusing to start fresh over it.") from e
-    diff = _model_diff(saved.get("model", {}), self.config.model.to_dict())
-    frz = (list(saved.get("trainable", {}).get("freeze", [])), list(self.config.trainable.freeze))
-    if frz[0] != frz[1]:
-      diff.append(f"trainable.freeze: checkpoint {frz[0]} vs config {frz[1]}")
+    diff = config_diff(saved, self.config)
     if diff:
       raise CheckpointError(
           f"checkpoint {self.directory / str(step)} is incompatible with the config:\n  " + "\n  ".join(diff)
@@ -204,7 +217,6 @@ def load_params(path: str, abstract_params) -> Any:
   """Params only, from a Checkpointer directory (latest step) or one step directory (init_from).
 
   The directory rules are params_io's (the same that conversion uses), errors are init_from's."""
-  from bagpiper_jax.convert import params_io  # pylint: disable=g-import-not-at-top
   try:
     item = params_io.resolve_params_dir(path)
   except params_io.ParamsIOError as e:

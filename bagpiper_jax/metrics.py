@@ -24,9 +24,11 @@ import time
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter
 
-from bagpiper_jax.model.config import ModelConfig
+from bagpiper_jax.model.config import ModelConfig, conv_out_length
 
 # Dense bf16 peak per chip, FLOP/s (vendor figures).
 PEAK_FLOPS = {
@@ -63,7 +65,7 @@ def encoder_flops_per_window(cfg: ModelConfig) -> float:
   conv = 0.0
   cin = 1
   for _ in range(3):
-    f, t = (f - 1) // 2 + 1, (t - 1) // 2 + 1
+    f, t = conv_out_length(f, 1), conv_out_length(t, 1)
     conv += 2.0 * 9 * cin * c * f * t
     cin = c
   frames = enc.frames_per_chunk_out
@@ -89,7 +91,6 @@ _MEASURED_PEAK: dict[str, float] = {}
 
 def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=np.float32) -> float:
   """Best achieved FLOP/s of one device for an n x n matmul (f32) under jit."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   key = f"{n}/{np.dtype(dtype).name}"
   if key in _MEASURED_PEAK:
     return _MEASURED_PEAK[key]
@@ -160,7 +161,6 @@ class MetricsWriter:
     os.makedirs(workdir, exist_ok=True)
     self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: Mapping[str, Any], *, prefix: str = "train", extra: Mapping | None = None):

@@ -7,8 +7,7 @@ Mesh axes (always all four, in this order; unused ones have size 1):
   tensor    Megatron-style tensor parallelism over heads / MLP / vocab
   sequence  sequence (context) parallelism over the packed length
 
-The model names every parameter dimension with a logical name (see COMMON.md: vocab, embed, heads,
-...); `LOGICAL_RULES` below is the only place that decides where each name goes. A logical name
+The model names every parameter dimension with a logical name (vocab, embed, heads, ...); `LOGICAL_RULES` below is the only place that decides where each name goes. A logical name
 that the table does not know is an error (`check_rules_cover`), never a silent replication.
 
 Mesh shapes come from `config.mesh.ici` (within a slice) and `config.mesh.dcn` (across slices);
@@ -28,6 +27,8 @@ import numpy as np
 from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bagpiper_jax import batch as batch_lib
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension is split over
@@ -116,11 +117,6 @@ def make_mesh(config, devices: Sequence[Any] | None = None) -> Mesh:
   return Mesh(arr, MESH_AXES)
 
 
-def batch_shards(mesh: Mesh) -> int:
-  """How many ways the batch dimension is split (rows must be a multiple of this)."""
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
 # ---------------------------------------------------------------------------------------------
 # Logical names -> shardings.
 
@@ -182,23 +178,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # ---------------------------------------------------------------------------------------------
 # Batches. Every batch carries a leading micro-batch axis [A, B, ...] (A = grad_accum_steps).
 
-BATCH_LOGICAL = {
-    "input_ids": (None, "batch", "length", None),
-    "loss_weights": (None, "batch", "length", None),
-    "segment_ids": (None, "batch", "length"),
-    "positions": (None, "batch", "length"),
-    "audio_mel": (None, "batch", None, None, None, None),
-    "audio_chunk_lens": (None, "batch", None, None),
-    "audio_rows": (None, "batch", "length"),
-}
-
 
 def batch_sharding(abstract_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
+  """Shardings of a step batch [A, B, ...] (micro-batch axis whole) from batch.FIELDS' logical axes."""
   specs = {}
-  for k, v in abstract_batch.items():
-    if k not in BATCH_LOGICAL:
-      raise ValueError(f"batch key {k!r} has no sharding in bagpiper_jax/sharding.py BATCH_LOGICAL")
-    specs[k] = P(*BATCH_LOGICAL[k])
+  for k in abstract_batch:
+    if k not in batch_lib.FIELDS:
+      raise ValueError(f"batch key {k!r} is not in the batch contract (bagpiper_jax/batch.py FIELDS)")
+    specs[k] = P(None, *batch_lib.FIELDS[k].logical)
   return logical_to_sharding(specs, dict(abstract_batch), mesh, log=False)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bagpiper_jax import batch as batch_lib
 from bagpiper_jax.data import template
 from bagpiper_jax.model.config import ModelConfig
 
@@ -67,14 +68,7 @@ class SyntheticIterator:
     if sum(len(d["input_ids"]) for d in docs) + len(gen["input_ids"]) <= L:
       docs.append(gen)
 
-    out = {"input_ids": np.zeros((L, cfg.num_streams), np.int32),
-           "loss_weights": np.zeros((L, cfg.num_streams), np.float32),
-           "segment_ids": np.zeros((L,), np.int32), "positions": np.zeros((L,), np.int32)}
-    if self.windows:
-      out["audio_mel"] = np.zeros((self.windows, enc.chunks_per_window, enc.num_mel_bins, enc.chunk_frames),
-                                  np.float32)
-      out["audio_chunk_lens"] = np.zeros((self.windows, enc.chunks_per_window), np.int32)
-      out["audio_rows"] = np.full((L,), -1, np.int32)
+    out = {k: v[0] for k, v in batch_lib.empty(cfg, 1, L, self.windows).items()}
     t = 0
     for doc_id, d in enumerate(docs, start=1):
       n = len(d["input_ids"])
@@ -89,55 +83,3 @@ class SyntheticIterator:
         out["audio_rows"][t:t + n] = d["audio_rows"]
       t += n
     return out
-
-
-def write_tiny_sources(root: str, cfg: ModelConfig, *, records: int = 64, seed: int = 0,
-                       max_mel_frames: int = 300, max_text: int = 40, max_codec_frames: int = 40) -> dict:
-  """Small ArrayRecord shards (und / gen / text sources) sized for tiny configs and short rows.
-
-  Uses the data pipeline's own synthetic record generators (bagpiper_jax/data/bench.py), so tests
-  of the train loop run the real Grain pipeline (and its checkpointable state) in milliseconds of
-  writing. Returns config.data.train_sources-style {name: {'path', 'weight'}}.
-  """
-  import os  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.data import bench  # pylint: disable=g-import-not-at-top
-  kinds = {
-      "sound_und": lambda rng, i, s: bench.und_example(rng, i, s, frames=(50, max_mel_frames),
-                                                       caption=(4, max_text), text_vocab=cfg.text_vocab_size),
-      "sound_gen": lambda rng, i, s: bench.gen_example(rng, i, s, frames=(8, max_codec_frames),
-                                                       caption=(4, max_text), text_vocab=cfg.text_vocab_size),
-      "text_only": lambda rng, i, s: bench.text_example(rng, i, s, length=(8, 2 * max_text),
-                                                        text_vocab=cfg.text_vocab_size),
-  }
-  out = {}
-  for k, (name, fn) in enumerate(sorted(kinds.items())):
-    rng = np.random.default_rng([seed, k])
-    d = os.path.join(root, name)
-    bench.write_shards(d, (fn(rng, i, name) for i in range(records)), 2)
-    out[name] = {"path": d, "weight": 1.0}
-  return out
-
-
-def tiny_train_config(stage: str = "pretrain", *, seq_len: int = 128, rows_per_device: int = 2,
-                      audio_windows: int = 1, steps: int = 8):
-  """configs/tiny.py shrunk for tests: short rows, synthetic data, log every step, sync saves."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
-  spec = importlib.util.spec_from_file_location("_tiny_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(stage)
-  c.data.demo = False
-  c.data.synthetic = True
-  c.data.seq_len = seq_len
-  c.data.max_audio_windows = audio_windows
-  c.data.per_device_batch = rows_per_device
-  c.train_steps = steps
-  c.optim.warmup_steps = 2
-  c.log_every_steps = 1
-  c.eval_every_steps = 0
-  c.checkpoint.every_steps = steps
-  c.checkpoint.async_save = False
-  c.mesh.ici = dict(data=1, fsdp=-1, tensor=1, sequence=1)
-  return c

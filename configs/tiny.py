@@ -35,3 +35,22 @@ def get_config(stage: str = "pretrain"):
   c.eval_every_steps = 100
   c.eval_steps = 2
   return c
+
+
+def for_tests(stage: str = "pretrain", *, seq_len: int = 128, rows_per_device: int = 2,
+              audio_windows: int = 1, steps: int = 8):
+  """This config shrunk for tests and benchmarks: short rows, synthetic data, log every step, sync saves."""
+  c = get_config(stage)
+  c.data.demo = False
+  c.data.synthetic = True
+  c.data.seq_len = seq_len
+  c.data.max_audio_windows = audio_windows
+  c.data.per_device_batch = rows_per_device
+  c.train_steps = steps
+  c.optim.warmup_steps = 2
+  c.log_every_steps = 1
+  c.eval_every_steps = 0
+  c.checkpoint.every_steps = steps
+  c.checkpoint.async_save = False
+  c.mesh.ici = dict(data=1, fsdp=-1, tensor=1, sequence=1)
+  return c

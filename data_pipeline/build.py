@@ -18,12 +18,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bagpiper_jax.data import codec as codec_lib
-from bagpiper_jax.data import features
+from bagpiper_jax import audio
+from bagpiper_jax import codec as codec_lib
 from bagpiper_jax.data import records
-from bagpiper_jax.data import tokenizer as tokenizer_lib
+from bagpiper_jax import tokenizer as tokenizer_lib
 from bagpiper_jax.model.config import encoder_output_length
 
+from data_pipeline import codes as codes_lib
 from data_pipeline import manifest as manifest_lib
 
 SAMPLE_RATE_POLICIES = ("resample", "error")
@@ -34,7 +35,7 @@ class BuildSettings:
   """Everything a worker needs to build records; picklable, and part of the shard fingerprint."""
 
   tokenizer: str
-  codec: str = ""  # codec_lib.load_codec spec
+  codec: str = ""  # codes.load_codec spec
   sample_rate_policy: str = "resample"
 
 
@@ -63,7 +64,7 @@ class Builder:
       raise ValueError(f"sample_rate_policy {settings.sample_rate_policy!r} not in {SAMPLE_RATE_POLICIES}")
     self.settings = settings
     self.tokenizer = tokenizer_lib.load_tokenizer(settings.tokenizer)
-    self.codec = codec_lib.load_codec(settings.codec)
+    self.codec = codes_lib.load_codec(settings.codec)
 
   # -- content builders ---------------------------------------------------------------------------
 
@@ -78,26 +79,26 @@ class Builder:
 
   def _load(self, path: str, start, end, declared_sr, warnings: list, item) -> np.ndarray:
     try:
-      wav, orig_sr = features.load_audio(path, start=start, end=end)
-    except features.AudioError as e:
+      wav, orig_sr = audio.load_audio(path, start=start, end=end)
+    except audio.AudioError as e:
       kind = "missing_audio" if "file not found" in str(e) else (
           "bad_segment" if "segment" in str(e) else "corrupt_audio")
       raise ItemError(kind, str(e)) from e
     if declared_sr is not None and int(declared_sr) != orig_sr:
       raise ItemError("sample_rate", f"{path}: manifest says {int(declared_sr)} Hz, file is {orig_sr} Hz")
-    if orig_sr != features.SAMPLE_RATE:
+    if orig_sr != audio.SAMPLE_RATE:
       if self.settings.sample_rate_policy == "error":
-        raise ItemError("sample_rate", f"{path}: {orig_sr} Hz, expected {features.SAMPLE_RATE} Hz "
+        raise ItemError("sample_rate", f"{path}: {orig_sr} Hz, expected {audio.SAMPLE_RATE} Hz "
                         "(--sample_rate_policy=error)")
       warnings.append(manifest_lib.error(item.manifest, item.line, f"resampled_from_{orig_sr}",
                                          f"{path}: resampled {orig_sr} Hz -> 16000 Hz",
                                          item_id=item.id, source=item.source, audio=path))
-    if wav.shape[0] < features.HOP_LENGTH * 2:
+    if wav.shape[0] < audio.HOP_LENGTH * 2:
       raise ItemError("too_short", f"{path}: only {wav.shape[0]} samples after cutting")
     return wav
 
   def mel(self, path, start, end, declared_sr, warnings, item) -> np.ndarray:
-    return features.mel_features(self._load(path, start, end, declared_sr, warnings, item))
+    return audio.mel_features(self._load(path, start, end, declared_sr, warnings, item))
 
   def codes(self, path, start, end, declared_sr, warnings, item) -> np.ndarray:
     if self.codec is None:
@@ -107,7 +108,7 @@ class Builder:
       raise ItemError("missing_audio", f"{path}: file not found")
     try:
       return self.codec.encode_file(path, start=start, end=end, wav_16k=wav)
-    except (codec_lib.CodecError, features.AudioError) as e:
+    except (codec_lib.CodecError, audio.AudioError) as e:
       raise ItemError("codec", str(e)) from e
 
   # -- items --------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ plan depends only on the manifests and the flags. A shard whose marker exists, w
 had no valid record) is skipped on re-run; the summary files are rebuilt from all markers each run.
 Shards with zero valid records leave only a marker, no .array_record, so readers never open an
 empty file. Nothing but finished shards matches `*.array_record*`, so a reader may take a source
-directory as is (bagpiper_jax.data.pipeline does). For the same reason a re-run with another
+directory as is (bagpiper_jax.data.input_pipeline does). For the same reason a re-run with another
 shard_size DELETES this writer's old `shard-NNNNN-of-MMMMM.array_record` files (and markers) in the
 source directories it writes, listing them in index.json `removed_stale_files`; one out_dir holds
 the output of one set of manifests.
@@ -42,7 +42,12 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Optional
 
+from array_record.python import array_record_module
+
+from bagpiper_jax import tokenizer as tokenizer_lib
+from bagpiper_jax.data import records
 from data_pipeline import build as build_lib
+from data_pipeline import codes as codes_lib
 from data_pipeline import manifest as manifest_lib
 
 FORMAT_VERSION = "bagpiper-records-v1"
@@ -160,8 +165,6 @@ def _bump(counter, n: int = 1) -> None:
 
 def run_shard(task: ShardTask) -> dict:
   """Builds and writes one shard (tmp file + rename), then its marker. Returns the marker."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.data import records  # pylint: disable=g-import-not-at-top
 
   if _INIT_ERROR is not None:
     raise RuntimeError(f"worker set-up failed: {type(_INIT_ERROR).__name__}: {_INIT_ERROR}")
@@ -171,7 +174,7 @@ def run_shard(task: ShardTask) -> dict:
     os.remove(stale)
   tmp = f"{task.partial_prefix}{os.getpid()}"
   # Uncompressed: mel-bearing records read ~2.5x faster that way and compress by only ~8%
-  # (measured with `python -m bagpiper_jax.data.bench --writer_options=...`).
+  # (measured with `python -m data_pipeline.bench --writer_options=...`).
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1,uncompressed")
   errors, warnings, n = [], [], 0
   stats: dict[str, dict[str, int]] = collections.defaultdict(
@@ -261,11 +264,9 @@ def write_many(jobs: list[tuple[Iterable[str], str]], settings: build_lib.BuildS
                shard_size: int = 1000, num_workers: int = 2, sft_source: str = "sft",
                progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
   """write_shards for several (manifests, out_dir) jobs sharing one worker pool (one start-up)."""
-  from bagpiper_jax.data import codec as codec_lib  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   t_start = time.time()
-  codec_lib.check_codec_spec(settings.codec)
+  codes_lib.check_codec_spec(settings.codec)
   vocab_size = tokenizer_lib.load_tokenizer(settings.tokenizer).vocab_size  # fail fast, main side
   plans = []
   for manifests, out_dir in jobs:

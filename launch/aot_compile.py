@@ -8,7 +8,7 @@ r"""Compile the real train step for a TPU pod on a CPU-only host, and say whethe
 Why: finding out that a config runs out of HBM, or that an axis does not divide, after a pod has
 been booked wastes the booking. With the `libtpu` package installed, `jax.experimental.topologies`
 hands out compile-only devices of any slice shape; we build the training mesh from them
-(`sharding.make_mesh(config, devices=...)`), take the train step from `trainer.build_train_step`
+(`sharding.make_mesh(config, devices=...)`), take the train step from `train_step.build_train_step`
 (the same function the training run jits, so the compiled program is the one that would run) and
 compile it with abstract inputs only. XLA's TPU compiler does the real memory assignment, so the
 numbers below are the ones the chip would see; a program that cannot fit fails to compile with
@@ -86,11 +86,11 @@ def prepare_config(config, topo: topology_lib.Topology) -> list[str]:
 
 def compile_train_step(config, topo: topology_lib.Topology):
   """(compiled, mesh, abstract_state, abstract_batch, jaxpr FLOP count, timings) for `config` on `topo`."""
-  from bagpiper_jax import sharding, trainer  # pylint: disable=g-import-not-at-top
+  from bagpiper_jax import sharding, train_step  # pylint: disable=g-import-not-at-top
   devices = topology_lib.devices(topo)
   mesh = sharding.make_mesh(config, devices=devices)
   t0 = time.time()
-  step_fn, abstract_state, _, abstract_batch, _ = trainer.build_train_step(config, mesh)
+  step_fn, abstract_state, _, abstract_batch, _ = train_step.build_train_step(config, mesh)
   traced = step_fn.trace(abstract_state, abstract_batch)
   counted = flop_count.count_traced(traced)
   lowered = traced.lower()
@@ -159,20 +159,22 @@ def _cost_dict(compiled) -> dict:
 
 def layers_trainable(config) -> bool:
   """Whether the decoder layers get gradients in this stage (warmup freezes them)."""
-  from bagpiper_jax import optim, trainer  # pylint: disable=g-import-not-at-top
+  from bagpiper_jax import optim, train_state  # pylint: disable=g-import-not-at-top
+  from bagpiper_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  params, _ = trainer.param_specs(config)
+  params, _ = train_state.param_specs(ModelConfig.from_dict(config.model))
   mask = traverse_util.flatten_dict(optim.trainable_mask(config, params))
   return any(v for k, v in mask.items() if k[0] == "layers")
 
 
 def flops_report(compiled, counted: flop_count.FlopCount, config, abstract_batch, num_chips: int, peak: float,
                  assumed_mfu: float, step_time: float = 0.0) -> dict:
-  from bagpiper_jax import metrics, trainer  # pylint: disable=g-import-not-at-top
+  from bagpiper_jax import metrics  # pylint: disable=g-import-not-at-top
+  from bagpiper_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
   ids = abstract_batch["input_ids"]
   micro, rows, seq_len = int(ids.shape[0]), int(ids.shape[1]), int(ids.shape[2])
   windows = int(abstract_batch["audio_mel"].shape[2]) if "audio_mel" in abstract_batch else 0
-  cfg = trainer.model_config(config)
+  cfg = ModelConfig.from_dict(config.model)
   model_flops = metrics.train_flops_per_step(cfg, rows=micro * rows, seq_len=seq_len, audio_windows=windows,
                                              layers_trainable=layers_trainable(config))
   cost = _cost_dict(compiled)

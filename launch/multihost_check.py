@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from bagpiper_jax import checkpoint as ckpt_lib
+from bagpiper_jax import batch as batch_lib
 from bagpiper_jax import sharding, trainer
 from bagpiper_jax.synthetic import SyntheticIterator
 
@@ -50,8 +51,8 @@ _DATA_SEED = flags.DEFINE_integer("data_seed", 1234, "Seed of the global synthet
 def global_micro_batches(setup, step: int) -> list[dict]:
   """This process's rows of the global micro-batches of `step` (1-based), the same on any process count."""
   config, mesh = setup.config, setup.mesh
-  rows = trainer.global_rows(config, mesh)
-  host_rows = trainer.host_batch_rows(config, mesh)
+  rows = batch_lib.global_rows(config, mesh.size)
+  host_rows = batch_lib.host_rows(config, mesh.size, jax.process_count())
   a = int(config.optim.grad_accum_steps)
   it = SyntheticIterator(setup.cfg, rows=rows, seq_len=int(config.data.seq_len),
                          audio_windows=int(config.data.max_audio_windows), seed=_DATA_SEED.value, process_index=0)
@@ -102,7 +103,7 @@ def main(argv):
 
   t1 = time.perf_counter()
   if _FRESH.value:
-    state = setup.init_state(setup.init_params())
+    state = setup.layout.init_state(setup.layout.init_params())
     ckpt = ckpt_lib.Checkpointer(os.path.join(out, "checkpoints"), config) if _SAVE_STEP.value else None
     train(setup, state, 0, result["losses"], ckpt, out, result)
     if ckpt is not None:
@@ -115,7 +116,7 @@ def main(argv):
     # Iterator states are per process: they restore only onto the same process count.
     same_processes = os.path.exists(os.path.join(
         _RESTORE.value, str(step), "data", f"process_{jax.process_index()}-of-{jax.process_count()}.json"))
-    state, data_state = src.restore(step, setup.abstract_state, data=same_processes)
+    state, data_state = src.restore(step, setup.layout.abstract_state, data=same_processes)
     src.close()
     result["restored_step"] = step
     result["restored_data_state"] = data_state

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 qwen3_omni = pytest.importorskip("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe")
 qwen3_omni_cfg = pytest.importorskip("transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe")
 
+from bagpiper_jax import audio
 from bagpiper_jax.convert import audio_tower, rules  # pylint: disable=g-import-not-at-top
 from bagpiper_jax.model import audio_encoder as ae  # pylint: disable=g-import-not-at-top
 from bagpiper_jax.model.config import AudioEncoderConfig, conv_out_length, encoder_output_length
@@ -63,7 +64,7 @@ def _audios(seed=0):
 
 
 def _windows(mels):
-  parts = [ae.mel_to_windows(m, CFG) for m in mels]
+  parts = [audio.mel_to_windows(m, CFG) for m in mels]
   counts = [w.shape[0] for w, _ in parts]
   return (np.concatenate([w for w, _ in parts]), np.concatenate([l for _, l in parts]), counts)
 
@@ -127,7 +128,7 @@ def test_valid_layout_matches_encoder_output_length(params):
       assert per_chunk[w, c].tolist() == [True] * n + [False] * (k - n), (w, c, lens[w, c])
   bounds = np.cumsum(counts)[:-1]
   for t, v, cnt in zip(LENGTHS, np.split(valid, bounds), counts):
-    assert cnt == ae.num_windows(t, CFG)
+    assert cnt == audio.num_windows(t, CFG)
     assert int(v.sum()) == encoder_output_length(t, CFG.n_window), t
 
 
@@ -135,9 +136,9 @@ def test_mel_to_windows_layout():
   rng = np.random.default_rng(5)
   for t in (1, 99, 100, 101, 800, 801, 1650):
     mel = rng.standard_normal((CFG.num_mel_bins, t)).astype(np.float32)
-    win, lens = ae.mel_to_windows(mel, CFG)
+    win, lens = audio.mel_to_windows(mel, CFG)
     c, f = CFG.chunks_per_window, CFG.chunk_frames
-    assert win.shape == (ae.num_windows(t, CFG), c, CFG.num_mel_bins, f) and lens.shape == win.shape[:2]
+    assert win.shape == (audio.num_windows(t, CFG), c, CFG.num_mel_bins, f) and lens.shape == win.shape[:2]
     assert lens.dtype == np.int32 and int(lens.sum()) == t
     flat = win.transpose(2, 0, 1, 3).reshape(CFG.num_mel_bins, -1)  # frame t at column t
     np.testing.assert_array_equal(flat[:, :t], mel)
@@ -145,11 +146,11 @@ def test_mel_to_windows_layout():
     # chunk_lens: full chunks, then the remainder, then zeros.
     full, rest = divmod(t, f)
     assert lens.reshape(-1).tolist() == [f] * full + ([rest] if rest else []) + [0] * (lens.size - full - bool(rest))
-  assert ae.num_windows(800, CFG) == 1 and ae.num_windows(801, CFG) == 2
+  assert audio.num_windows(800, CFG) == 1 and audio.num_windows(801, CFG) == 2
   with pytest.raises(ValueError, match="0 mel frames"):
-    ae.mel_to_windows(np.zeros((CFG.num_mel_bins, 0), np.float32), CFG)
+    audio.mel_to_windows(np.zeros((CFG.num_mel_bins, 0), np.float32), CFG)
   with pytest.raises(ValueError, match=r"\[128, T\]"):
-    ae.mel_to_windows(np.zeros((80, 10), np.float32), CFG)
+    audio.mel_to_windows(np.zeros((80, 10), np.float32), CFG)
 
 
 def test_rules_round_trip_and_cover_every_param(reference, params):

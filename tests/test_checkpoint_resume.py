@@ -19,13 +19,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bagpiper_jax import checkpoint as ckpt_lib
-from bagpiper_jax import trainer
-from bagpiper_jax.synthetic import tiny_train_config
+from bagpiper_jax import train_state
+from bagpiper_jax.model import ModelConfig
+from configs.tiny import for_tests as tiny_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CONFIG = """
-from bagpiper_jax.synthetic import tiny_train_config
+from configs.tiny import for_tests as tiny_train_config
 def get_config():
   c = tiny_train_config(steps=8, seq_len=128, rows_per_device=2)
   c.data.synthetic = False
@@ -37,14 +38,15 @@ def get_config():
 """
 
 
-def _train(config_path, workdir, *extra):
+def _train(config_path, workdir, *extra, kill_after_step=None):
   # A persistent compilation cache shared by the runs: the resumed run reuses the executable
   # (the same program, so results are unaffected) instead of compiling again.
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(str(workdir)), "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return subprocess.Popen([sys.executable, "-m", "bagpiper_jax.train", f"--config={config_path}",
-                           f"--workdir={workdir}", *extra], cwd=REPO, env=env,
+  cmd = ([sys.executable, "-m", "bagpiper_jax.train"] if kill_after_step is None else
+         [sys.executable, os.path.join(REPO, "tests", "kill_after_step.py"), str(kill_after_step)])
+  return subprocess.Popen(cmd + [f"--config={config_path}", f"--workdir={workdir}", *extra], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -62,14 +64,14 @@ def _restore_raw(step_dir, item):
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
-  from bagpiper_jax.synthetic import write_tiny_sources  # pylint: disable=g-import-not-at-top
-  cfg = trainer.model_config(tiny_train_config())
+  from data_pipeline.synthetic_records import write_tiny_sources  # pylint: disable=g-import-not-at-top
+  cfg = ModelConfig.from_dict(tiny_train_config().model)
   sources = write_tiny_sources(str(tmp_path / "data"), cfg)
   config_path = tmp_path / "cfg.py"
   config_path.write_text(_CONFIG.format(sources=sources))
   a, b = tmp_path / "straight", tmp_path / "killed"
   pa = _train(config_path, a)
-  pb = _train(config_path, b, "--testonly_sigkill_after_step=6")
+  pb = _train(config_path, b, kill_after_step=6)
   out_a, err_a = pa.communicate(timeout=600)
   out_b, err_b = pb.communicate(timeout=600)
   assert pa.returncode == 0, err_a[-3000:]
@@ -104,7 +106,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
 
 
 def _toy_state(v=1.0):
-  return trainer.TrainState(
+  return train_state.TrainState(
       step=jnp.asarray(3, jnp.int32),
       params={"w": jnp.full((4, 2), v, jnp.float32), "n": {"scale": jnp.ones((2,), jnp.float32)}},
       opt_state={"mu": jnp.full((4, 2), 0.5 * v, jnp.float32)},

@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from bagpiper_jax import audio  # noqa: E402
 from bagpiper_jax.convert import params_io, release, rules, safetensors_io, streaming  # noqa: E402
 from bagpiper_jax.model import Bagpiper  # noqa: E402
 from bagpiper_jax.model import audio_encoder as ae  # noqa: E402
@@ -169,7 +170,7 @@ def test_exported_tensors_run_in_transformers(tmp_path):
       activation_function=enc.activation, attn_implementation="eager")).eval()
   tower.load_state_dict(_torch_state(st, rules.AUDIO_TOWER_PREFIX), strict=True)
   mel = np.random.default_rng(4).standard_normal((enc.num_mel_bins, 250)).astype(np.float32)
-  windows, lens = ae.mel_to_windows(mel, enc)
+  windows, lens = audio.mel_to_windows(mel, enc)
   frames, valid = ae.AudioEncoder(enc, dtype=np.float32).apply({"params": params["audio_encoder"]}, windows, lens)
   got = np.asarray(frames)[np.asarray(valid)]
   with torch.no_grad():

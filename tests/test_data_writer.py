@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from bagpiper_jax.data import codec
-from bagpiper_jax.data import features
+from bagpiper_jax import audio as features
+from bagpiper_jax import codec
+from bagpiper_jax import tokenizer
 from bagpiper_jax.data import records
-from bagpiper_jax.data import tokenizer
 from data_pipeline import build
+from data_pipeline import codes
+from data_pipeline import tokenizer_train
 from data_pipeline import writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +80,7 @@ def corpus(tmp_path_factory):
       f.write(json.dumps(row) + "\n")
       if i == 5:
         f.write("{this is not json\n")  # line 7
-  spm = tokenizer.train_sentencepiece(
+  spm = tokenizer_train.train_sentencepiece(
       [r.get("rich_caption", "") or r.get("text", "") for r in lines] + ["lower tone helpful make"],
       str(d / "spm"), 300)
   xc = codec.build_tiny_xcodec(str(d / "xcodec"))
@@ -139,7 +141,7 @@ def test_records_hold_the_right_content(written, corpus):
   out, _, _ = written
   d = corpus["dir"]
   tok = tokenizer.load_tokenizer(corpus["tokenizer"])
-  xc = codec.XcodecBackend(corpus["xcodec"])
+  xc = codes.XcodecBackend(corpus["xcodec"])
   uid = lambda s: list(np.asarray(tok.encode(s)) + 256)
 
   und = {r["id"]: r for r in _read_source(out, "music_und")}

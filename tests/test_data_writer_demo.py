@@ -12,10 +12,10 @@ import sys
 import numpy as np
 import pytest
 
-from bagpiper_jax.data import demo
-from bagpiper_jax.data import features
+from bagpiper_jax import audio as features
+from bagpiper_jax import tokenizer
 from bagpiper_jax.data import records
-from bagpiper_jax.data import tokenizer
+from data_pipeline import demo
 
 
 def _files(root: str) -> dict[str, bytes]:

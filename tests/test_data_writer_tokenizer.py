@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from bagpiper_jax.data import tokenizer
+from bagpiper_jax import tokenizer
+from data_pipeline import tokenizer_train
 
 TEXTS = [f"A steady {f} Hz sine tone, {lvl}, lasting {d:.1f} seconds, with a soft fade-in."
          for f in range(100, 2000, 37) for lvl in ("quiet", "loud") for d in (1.5, 2.5)]
 
 
 def test_sentencepiece_train_encode_roundtrip(tmp_path):
-  path = tokenizer.train_sentencepiece(TEXTS, str(tmp_path / "spm"), 512)
+  path = tokenizer_train.train_sentencepiece(TEXTS, str(tmp_path / "spm"), 512)
   tok = tokenizer.load_tokenizer(path)
   assert isinstance(tok, tokenizer.SentencePieceTokenizer)
   assert 260 <= tok.vocab_size <= 512
@@ -24,17 +25,17 @@ def test_sentencepiece_train_encode_roundtrip(tmp_path):
 
 
 def test_sentencepiece_is_deterministic(tmp_path):
-  a = tokenizer.load_tokenizer(tokenizer.train_sentencepiece(TEXTS, str(tmp_path / "a"), 400))
-  b = tokenizer.load_tokenizer(tokenizer.train_sentencepiece(TEXTS, str(tmp_path / "b"), 400))
+  a = tokenizer.load_tokenizer(tokenizer_train.train_sentencepiece(TEXTS, str(tmp_path / "a"), 400))
+  b = tokenizer.load_tokenizer(tokenizer_train.train_sentencepiece(TEXTS, str(tmp_path / "b"), 400))
   assert a.vocab_size == b.vocab_size
   assert [a.encode(t) for t in TEXTS[:20]] == [b.encode(t) for t in TEXTS[:20]]
 
 
 def test_sentencepiece_rejects_bad_args(tmp_path):
   with pytest.raises(ValueError, match="no non-empty texts"):
-    tokenizer.train_sentencepiece(["", "  "], str(tmp_path / "x"), 512)
+    tokenizer_train.train_sentencepiece(["", "  "], str(tmp_path / "x"), 512)
   with pytest.raises(ValueError, match="too small"):
-    tokenizer.train_sentencepiece(TEXTS, str(tmp_path / "x"), 100)
+    tokenizer_train.train_sentencepiece(TEXTS, str(tmp_path / "x"), 100)
 
 
 def test_hf_tokenizer_json(tmp_path):

@@ -12,7 +12,8 @@ import torch
 from flax import linen as nn
 
 from bagpiper_jax.convert import rules
-from bagpiper_jax.model import Bagpiper, ModelConfig, dummy_batch
+from bagpiper_jax import batch as batch_lib
+from bagpiper_jax.model import Bagpiper, ModelConfig
 from bagpiper_jax.model import config as config_lib
 from conftest import hf_qwen3, tiny_model_config
 
@@ -258,7 +259,7 @@ def test_bad_input_raises_clear_errors(tiny_cfg):
 
 def test_8b_trainable_parameter_count():
   cfg = ModelConfig()
-  shapes = jax.eval_shape(lambda: Bagpiper(cfg).init(jax.random.PRNGKey(0), dummy_batch(cfg, 1, 16, 1)))
+  shapes = jax.eval_shape(lambda: Bagpiper(cfg).init(jax.random.PRNGKey(0), batch_lib.example(cfg, 1, 16, 1)))
   params = nn.meta.unbox(shapes["params"])
   count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
   trainable = count({k: v for k, v in params.items() if k != "audio_encoder"})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from bagpiper_jax.data import features
+from bagpiper_jax import audio as features
 
 
 def _clip(n: int, seed: int = 0) -> np.ndarray:

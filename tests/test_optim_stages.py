@@ -8,8 +8,10 @@ import optax
 import pytest
 from flax import traverse_util
 
-from bagpiper_jax import optim, sharding, trainer
-from bagpiper_jax.synthetic import SyntheticIterator, tiny_train_config
+from bagpiper_jax import optim, sharding, train_loop, trainer
+from bagpiper_jax.model import ModelConfig
+from bagpiper_jax.synthetic import SyntheticIterator
+from configs.tiny import for_tests as tiny_train_config
 
 
 def _flat(tree):
@@ -23,11 +25,11 @@ class _Run:
     self.config = config
     self.mesh = sharding.make_mesh(config)
     self.setup = trainer.Setup(config, self.mesh)
-    self.it = SyntheticIterator(self.setup.cfg, rows=trainer.host_batch_rows(config, self.mesh),
+    self.it = SyntheticIterator(self.setup.cfg, rows=self.setup.host_rows,
                                 seq_len=config.data.seq_len, audio_windows=config.data.max_audio_windows)
 
   def fresh_state(self):
-    return self.setup.fresh_state()
+    return self.setup.layout.fresh_state()
 
   def steps(self, state, n, *, batches=None):
     losses = []
@@ -84,7 +86,7 @@ def test_adamw_hyperparameters_match_spec():
   c.optim.schedule, c.optim.warmup_steps = "constant", 0
   params = {"w": {"kernel": np.full((3,), 2.0, np.float32)}, "n": {"scale": np.ones((3,), np.float32)}}
   grads = {"w": {"kernel": np.array([3.0, -4.0, 0.0], np.float32)}, "n": {"scale": np.ones((3,), np.float32)}}
-  tx = optim.make_optimizer(c, trainer.model_config(c))
+  tx = optim.make_optimizer(c, ModelConfig.from_dict(c.model))
   up, _ = tx.update(grads, tx.init(params), params)
   ref = optax.chain(optax.clip_by_global_norm(1.0),
                     optax.adamw(c.optim.lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=3e-7,
@@ -167,8 +169,7 @@ def test_nonfinite_step_is_dropped_and_remembered(pretrain_run):
   assert all(np.array_equal(before[k], after[k]) for k in before)
   assert int(state.step) == 2 and int(state.nonfinite["count"]) == 1
   assert int(state.nonfinite["first_step"]) == 2
-  from bagpiper_jax import train  # pylint: disable=g-import-not-at-top
-  with pytest.raises(train.NonFiniteError, match="step 2"):
-    train._check_finite(c, 2, None)  # pylint: disable=protected-access
+  with pytest.raises(train_loop.NonFiniteError, match="step 2"):
+    train_loop._check_finite(c, 2, None)  # pylint: disable=protected-access
   c.nan_policy = "skip"
-  train._check_finite(c, 2, None)  # pylint: disable=protected-access
+  train_loop._check_finite(c, 2, None)  # pylint: disable=protected-access

@@ -17,8 +17,9 @@ import pytest
 
 from bagpiper_jax import batch as batch_lib
 from bagpiper_jax import config_lib
-from bagpiper_jax.data import bench
-from bagpiper_jax.data import pipeline
+from data_pipeline import bench
+from data_pipeline import synthetic_records
+from bagpiper_jax.data import input_pipeline as pipeline
 from bagpiper_jax.data import records
 from bagpiper_jax.model import config as mc
 
@@ -108,7 +109,7 @@ def config_for(train=None, evals=None, *, seq_len=256, windows=3, host_batch=2, 
   c.data.num_workers = workers
   c.data.shuffle_seed = seed
   with c.unlocked():
-    c.data.host_batch = host_batch
+    c.data.per_device_batch = host_batch  # one device per host here: rows per host
     c.data.packing_bins = bins
     c.data.read_threads = 2
     for k, v in extra.items():
@@ -157,7 +158,7 @@ def check_doc(got, ex):
 
 
 def write_docs(directory, docs, shards):
-  return bench.write_shards(directory, docs, shards)
+  return synthetic_records.write_shards(directory, docs, shards)
 
 
 def random_docs(n, seed=0, start=0):
@@ -195,7 +196,7 @@ def test_round_trip_exact_batch_with_drops(tmp_path):
   assert [len(r["input_ids"]) for r in refs] == [49, 25, 49, 48, 308, 130, 30]
   paths = write_docs(str(tmp_path / "ev"), docs, 2)
   config = config_for(evals={"ev": {"path": str(tmp_path / "ev")}}, seq_len=256, windows=3, host_batch=2, bins=1)
-  it = pipeline.make_eval_iterator(config, CFG, process_index=0, process_count=1)
+  it = pipeline.make_eval_iterator(config, CFG, rows=config.data.per_device_batch, process_index=0, process_count=1)
   batches = list(it)
   assert len(batches) == 1
   b = batches[0]
@@ -240,7 +241,7 @@ def test_round_trip_best_fit_random_docs(tmp_path):
   write_docs(str(tmp_path / "a"), docs, 3)
   config = config_for(train={"a": {"path": str(tmp_path / "a") + "/*.array_record", "weight": 1.0}},
                       seq_len=512, windows=4, host_batch=3, bins=4)
-  it = pipeline.make_train_iterator(config, CFG, process_index=0, process_count=1)
+  it = pipeline.make_train_iterator(config, CFG, rows=config.data.per_device_batch, process_index=0, process_count=1)
   seen = []
   for _ in range(8):
     b = next(it)
@@ -263,10 +264,10 @@ _RESUME_SCRIPT = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, {tests!r})
     import test_pipeline as t
-    from bagpiper_jax.data import pipeline
+    from bagpiper_jax.data import input_pipeline as pipeline
     args = json.load(open({args!r}))
     config = t.config_for(train=args["train"], **args["kw"])
-    it = pipeline.make_train_iterator(config, t.CFG, process_index=0, process_count=1)
+    it = pipeline.make_train_iterator(config, t.CFG, rows=config.data.per_device_batch, process_index=0, process_count=1)
     it.set_state(json.loads(open({state!r}).read()))
     out = {{}}
     for i in range(args["n"]):
@@ -286,7 +287,7 @@ def _resume_case(tmp_path, workers):
   train = {"a": {"path": str(tmp_path / "a"), "weight": 1.0}, "b": {"path": str(tmp_path / "b"), "weight": 3.0}}
   kw = dict(seq_len=384, windows=3, host_batch=2, bins=3, workers=workers, seed=7)
   config = config_for(train=train, **kw)
-  it = pipeline.make_train_iterator(config, CFG, process_index=0, process_count=1)
+  it = pipeline.make_train_iterator(config, CFG, rows=config.data.per_device_batch, process_index=0, process_count=1)
   for _ in range(3):  # 6 rows: mid-way through the third 3-bin packing round
     next(it)
   state = json.dumps(it.get_state())
@@ -347,7 +348,7 @@ def test_hosts_partition_each_epoch(tmp_path):
   config = config_for(train={"a": {"path": str(tmp_path / "a"), "weight": 1.0}}, seq_len=256, host_batch=1, bins=2)
   seen = []
   for p in (0, 1):
-    it = pipeline.make_train_iterator(config, CFG, process_index=p, process_count=2)
+    it = pipeline.make_train_iterator(config, CFG, rows=config.data.per_device_batch, process_index=p, process_count=2)
     ids = []
     while pipeline.pipeline_stats(it).get("docs_read", 0) < 8:
       ids += [d["marker"] for d in split_docs(next(it))]
@@ -358,7 +359,7 @@ def test_hosts_partition_each_epoch(tmp_path):
   config = config_for(evals={"a": {"path": str(tmp_path / "a")}}, seq_len=256, host_batch=2, bins=2)
   got = []
   for p in (0, 1):
-    for b in pipeline.make_eval_iterator(config, CFG, process_index=p, process_count=2):
+    for b in pipeline.make_eval_iterator(config, CFG, rows=config.data.per_device_batch, process_index=p, process_count=2):
       got += [d["marker"] for d in split_docs(b)]
   assert sorted(got) == list(range(30))
 
@@ -367,8 +368,8 @@ def test_eval_fixed_batch_count_pads_with_empty_batches(tmp_path):
   docs = random_docs(6, seed=4)
   write_docs(str(tmp_path / "e"), docs, 1)
   config = config_for(evals={"e": {"path": str(tmp_path / "e")}}, seq_len=1024, host_batch=2, bins=2)
-  natural = list(pipeline.make_eval_iterator(config, CFG, process_index=0, process_count=1))
-  fixed = list(pipeline.make_eval_iterator(config, CFG, process_index=0, process_count=1,
+  natural = list(pipeline.make_eval_iterator(config, CFG, rows=config.data.per_device_batch, process_index=0, process_count=1))
+  fixed = list(pipeline.make_eval_iterator(config, CFG, rows=config.data.per_device_batch, process_index=0, process_count=1,
                                            num_batches=len(natural) + 2))
   assert len(fixed) == len(natural) + 2
   for a, b in zip(natural, fixed):
@@ -384,7 +385,7 @@ def test_eval_with_worker_processes_covers_everything_once(tmp_path):
   docs = random_docs(12, seed=8)
   write_docs(str(tmp_path / "e"), docs, 2)
   config = config_for(evals={"e": {"path": str(tmp_path / "e")}}, seq_len=512, host_batch=2, bins=2, workers=2)
-  it = pipeline.make_eval_iterator(config, CFG, process_index=0, process_count=1, num_batches=6)
+  it = pipeline.make_eval_iterator(config, CFG, rows=config.data.per_device_batch, process_index=0, process_count=1, num_batches=6)
   got = list(it)
   it.close()
   assert len(got) == 6  # per host, not per worker
@@ -400,10 +401,10 @@ def test_bad_record_names_shard_and_index(tmp_path):
   docs = random_docs(6, seed=5)
   items = [records.encode(d) for d in docs]
   items[4] = b"\xc1 definitely not msgpack"  # shard 1 (records 3..5), record 1
-  paths = bench.write_shards(str(tmp_path / "bad"), items, 2)
+  paths = synthetic_records.write_shards(str(tmp_path / "bad"), items, 2)
   config = config_for(evals={"bad": {"path": str(tmp_path / "bad")}}, seq_len=1024, host_batch=1, bins=1)
   with pytest.raises(ValueError) as e:
-    list(pipeline.make_eval_iterator(config, CFG, process_index=0, process_count=1))
+    list(pipeline.make_eval_iterator(config, CFG, rows=config.data.per_device_batch, process_index=0, process_count=1))
   msg = str(e.value)
   assert paths[1] in msg and "record 1" in msg and "'bad'" in msg, msg
 
@@ -411,10 +412,10 @@ def test_bad_record_names_shard_and_index(tmp_path):
 def test_record_outside_model_layout_names_shard_and_index(tmp_path):
   docs = random_docs(3, seed=6)
   docs[2]["messages"][0]["text_ids"] = np.array([CFG.codec_start + 5], np.int32)  # a codec id as text
-  paths = bench.write_shards(str(tmp_path / "lay"), docs, 1)
+  paths = synthetic_records.write_shards(str(tmp_path / "lay"), docs, 1)
   config = config_for(evals={"lay": {"path": str(tmp_path / "lay")}}, seq_len=1024, host_batch=1, bins=1)
   with pytest.raises(ValueError) as e:
-    list(pipeline.make_eval_iterator(config, CFG, process_index=0, process_count=1))
+    list(pipeline.make_eval_iterator(config, CFG, rows=config.data.per_device_batch, process_index=0, process_count=1))
   msg = str(e.value)
   assert paths[0] in msg and "record 2" in msg and "text_ids" in msg and "doc2" in msg, msg
 
@@ -422,18 +423,18 @@ def test_record_outside_model_layout_names_shard_and_index(tmp_path):
 def test_missing_source_is_a_clear_error(tmp_path):
   config = config_for(train={"nope": {"path": str(tmp_path / "missing/*.array_record"), "weight": 1.0}})
   with pytest.raises(FileNotFoundError, match="'nope'"):
-    pipeline.make_train_iterator(config, CFG, process_index=0, process_count=1)
+    pipeline.make_train_iterator(config, CFG, rows=config.data.per_device_batch, process_index=0, process_count=1)
   with pytest.raises(ValueError, match="train_sources is empty"):
-    pipeline.make_train_iterator(config_for(), CFG, process_index=0, process_count=1)
+    pipeline.make_train_iterator(config_for(), CFG, rows=2, process_index=0, process_count=1)
 
 
 def test_bench_mixture_smoke(tmp_path):
   """The benchmark's synthetic pretraining sources go through the real 8B layout and budgets."""
-  sources = bench.write_pretrain_sources(str(tmp_path / "bench"), records_per_source=3, shards_per_source=1)
-  config = bench.bench_config(sources, seq_len=8192, max_audio_windows=32, host_batch=2, num_workers=0,
+  sources = synthetic_records.write_pretrain_sources(str(tmp_path / "bench"), records_per_source=3, shards_per_source=1)
+  config = bench.bench_config(sources, seq_len=8192, max_audio_windows=32, num_workers=0,
                               read_threads=2, packing_bins=2)
   cfg = mc.ModelConfig()
-  it = pipeline.make_train_iterator(config, cfg, process_index=0, process_count=1)
+  it = pipeline.make_train_iterator(config, cfg, rows=2, process_index=0, process_count=1)
   r = bench.measure(it, seconds=0.2, warmup_batches=1)
   assert r["batches"] >= 1 and r["tokens_per_s"] > 0
   b = next(it)
@@ -451,8 +452,23 @@ def test_mixture_weighting(tmp_path, weighting, share_b):
   config = config_for(train={"a": {"path": str(tmp_path / "a"), "weight": 1.0},
                              "b": {"path": str(tmp_path / "b"), "weight": 1.0}},
                       seq_len=120, host_batch=4, bins=1, mixture_weighting=weighting)
-  it = pipeline.make_train_iterator(config, CFG, process_index=0, process_count=1)
+  it = pipeline.make_train_iterator(config, CFG, rows=config.data.per_device_batch, process_index=0, process_count=1)
   for _ in range(25):  # 10 documents of 12 rows per row -> 1000 documents
     next(it)
   by = pipeline.pipeline_stats(it)["docs_by_source"]
   assert by["b"] / (by["a"] + by["b"]) == pytest.approx(share_b, abs=0.01), by
+
+
+def test_shard_record_counts_match_the_shards(tmp_path):
+  """input_pipeline's one private-API call (grain's per-shard counts) against public readers."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  docs = [make_doc(i, "text", rng) for i in range(7)]
+  paths = synthetic_records.write_shards(str(tmp_path / "c"), docs, 3)
+  src = pipeline.ShardSource("c", paths)
+  want = []
+  for p in paths:
+    r = array_record_module.ArrayRecordReader(p)
+    want.append(r.num_records())
+    r.close()
+  assert pipeline.shard_record_counts(src._ds) == want == [3, 3, 1]  # pylint: disable=protected-access

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
-from bagpiper_jax import sharding, trainer
-from bagpiper_jax.synthetic import tiny_train_config
+from bagpiper_jax import sharding, train_state, train_step, trainer
+from bagpiper_jax.model import ModelConfig
+from configs.tiny import for_tests as tiny_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +61,7 @@ def test_unknown_logical_name_is_an_error():
 def test_8b_params_and_opt_state_fully_sharded_over_fsdp():
   """Every large 8B tensor is split 256 ways on a v5p-512-like fsdp mesh (abstract; no devices)."""
   c = _config_8b()
-  abstract, logical = trainer.param_specs(c)
+  abstract, logical = train_state.param_specs(ModelConfig.from_dict(c.model))
   mesh = AbstractMesh((1, 256, 1, 1), sharding.MESH_AXES)
   shard = sharding.logical_to_sharding(logical, abstract, mesh)
   total = per_device = 0
@@ -81,8 +82,9 @@ _EQUIV = r"""
 import json, os, sys
 import jax, numpy as np
 from flax import traverse_util
-from bagpiper_jax import sharding, trainer
-from bagpiper_jax.synthetic import SyntheticIterator, tiny_train_config
+from bagpiper_jax import sharding, train_step, trainer
+from bagpiper_jax.synthetic import SyntheticIterator
+from configs.tiny import for_tests as tiny_train_config
 K = 3
 out = {}
 for name, ici, devs in [("one", dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1]),
@@ -92,15 +94,15 @@ for name, ici, devs in [("one", dict(data=1, fsdp=1, tensor=1, sequence=1), jax.
   mesh = sharding.make_mesh(c, devices=devs)
   s = trainer.Setup(c, mesh)
   if name != "one":
-    specs = {"/".join(k): list(v.spec) for k, v in traverse_util.flatten_dict(s.param_shardings).items()}
+    specs = {"/".join(k): list(v.spec) for k, v in traverse_util.flatten_dict(s.layout.param_shardings).items()}
     out["specs"] = {k: specs[k] for k in ("lm_head/kernel", "embed_tokens/embedding",
                                            "layers/self_attn/q_proj/kernel", "layers/mlp/down_proj/kernel")}
     # AOT: lower + compile from abstract values only; the 8-device run below uses that executable.
-    step, a_state, _, a_batch, _ = trainer.build_train_step(c, mesh)
+    step, a_state, _, a_batch, _ = train_step.build_train_step(c, mesh)
     run = step.lower(a_state, a_batch).compile()
   else:
     run = s.train_step
-  state = s.fresh_state()
+  state = s.layout.fresh_state()
   it = SyntheticIterator(s.cfg, rows=8, seq_len=c.data.seq_len, audio_windows=1)
   losses = []
   for _ in range(K):

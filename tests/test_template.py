@@ -7,6 +7,7 @@ import pytest
 
 from bagpiper_jax.data import records
 from bagpiper_jax.data import template
+from bagpiper_jax.model import audio_encoder as ae
 from bagpiper_jax.model import config as mc
 
 CFG = mc.ModelConfig(text_vocab_size=1000)  # real stream/codec/encoder layout, small text range
@@ -114,9 +115,11 @@ def test_two_audios_get_their_own_windows():
   assert not out["loss_weights"][:, 1:].any()
 
 
-def test_windows_match_the_encoder_layout_helpers():
-  """Same cut as the model side's mel_to_windows; audio_rows hit exactly the valid encoder frames."""
-  ae = pytest.importorskip("bagpiper_jax.model.audio_encoder")
+def test_windows_match_the_encoder_layout():
+  """Mel frame t sits in window t // 800, chunk (t // 100) % 8, column t % 100 (checked frame by frame,
+  independently of mel_to_windows); audio_rows hit exactly the encoder frames the model marks valid."""
+  enc = CFG.audio_encoder
+  c, f = enc.chunks_per_window, enc.chunk_frames
   rng = np.random.default_rng(2)
   for t in (1, 99, 100, 101, 799, 800, 801, 2345):
     mel = rng.standard_normal((128, t)).astype(np.float16)
@@ -124,11 +127,17 @@ def test_windows_match_the_encoder_layout_helpers():
         {"role": "user", "modality": "audio", "mel": mel},
         {"role": "assistant", "modality": "text", "text_ids": np.array([500], np.int32)}]}
     out = template.template_example(ex, CFG)
-    win, lens = ae.mel_to_windows(mel, CFG.audio_encoder)
-    np.testing.assert_array_equal(out["audio_mel"], win)
-    np.testing.assert_array_equal(out["audio_chunk_lens"], lens)
-    valid = np.asarray(ae.frame_valid_mask(lens, CFG.audio_encoder)).reshape(-1)
+    win, lens = out["audio_mel"], out["audio_chunk_lens"]
+    assert win.shape == (-(-t // (c * f)), c, 128, f)
+    frames = np.arange(t)
+    np.testing.assert_array_equal(win[frames // (c * f), (frames // f) % c, :, frames % f], mel.T)
+    filled = np.zeros(win.shape[:2] + (f,), bool)
+    filled[frames // (c * f), (frames // f) % c, frames % f] = True
+    assert not win.transpose(0, 1, 3, 2)[~filled].any()  # everything else is zero padding
+    np.testing.assert_array_equal(lens, filled.sum(-1))
+    valid = np.asarray(ae.frame_valid_mask(lens, enc)).reshape(-1)
     used = out["audio_rows"][out["audio_rows"] >= 0]
+    assert len(used) == mc.encoder_output_length(t, enc.n_window)
     np.testing.assert_array_equal(used, np.nonzero(valid)[0])
 
 

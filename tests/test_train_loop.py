@@ -13,10 +13,12 @@ import time
 import numpy as np
 import pytest
 
-from bagpiper_jax import sharding, train, trainer
-from bagpiper_jax.data import pipeline
+from bagpiper_jax import sharding, train_loop, trainer
+from bagpiper_jax.data import input_pipeline as pipeline
 from bagpiper_jax.metrics import read_jsonl
-from bagpiper_jax.synthetic import tiny_train_config, write_tiny_sources
+from bagpiper_jax.model import ModelConfig
+from configs.tiny import for_tests as tiny_train_config
+from data_pipeline.synthetic_records import write_tiny_sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +28,7 @@ def run(tmp_path_factory):
   """One config + compiled Setup shared by the in-process loop tests."""
   root = tmp_path_factory.mktemp("loop")
   c = tiny_train_config(steps=30, seq_len=128, rows_per_device=4)
-  cfg = trainer.model_config(c)
+  cfg = ModelConfig.from_dict(c.model)
   c.data.synthetic = False
   c.data.train_sources = write_tiny_sources(str(root / "train"), cfg, records=96)
   c.data.eval_sources = write_tiny_sources(str(root / "eval"), cfg, records=16, seed=1)
@@ -64,7 +66,7 @@ class _PoisonAt:
 def test_loss_goes_down_evals_and_ends_with_checkpoint(run):
   root, c, setup = run
   wd = root / "wd_main"
-  out = train.train_and_evaluate(c, str(wd), setup=setup)
+  out = train_loop.train_and_evaluate(c, str(wd), setup=setup)
   recs = read_jsonl(str(wd / "metrics.jsonl"))
   tr = [r for r in recs if r["kind"] == "train"]
   ev = [r for r in recs if r["kind"] == "eval"]
@@ -90,14 +92,15 @@ def test_nan_policy_stop_names_the_step_and_skip_goes_on(run):
   c.train_steps = 8
   c.eval_every_steps = 0
   c.checkpoint.every_steps = 4
-  mk = lambda: (_PoisonAt(pipeline.make_train_iterator(c, setup.cfg), at=3), None)
+  mk = lambda: (_PoisonAt(pipeline.make_train_iterator(c, setup.cfg, rows=setup.host_rows, process_index=0,
+                                                       process_count=1), at=3), None)
   wd = root / "wd_stop"
-  with pytest.raises(train.NonFiniteError, match="at step 3"):
-    train.train_and_evaluate(c, str(wd), setup=setup, data=mk())
+  with pytest.raises(train_loop.NonFiniteError, match="at step 3"):
+    train_loop.train_and_evaluate(c, str(wd), setup=setup, data=mk())
   assert not os.path.exists(wd / "checkpoints") or not os.listdir(wd / "checkpoints")
   c.nan_policy = "skip"
   wd = root / "wd_skip"
-  train.train_and_evaluate(c, str(wd), setup=setup, data=mk())
+  train_loop.train_and_evaluate(c, str(wd), setup=setup, data=mk())
   tr = [r for r in read_jsonl(str(wd / "metrics.jsonl")) if r["kind"] == "train"]
   assert tr[-1]["skipped_steps"] == 1 and tr[-1]["step"] == 8
   assert not np.isfinite(tr[0]["step_losses"][2]) and np.isfinite(tr[-1]["loss"])
@@ -108,7 +111,7 @@ def test_sigterm_saves_and_exits_cleanly(run, tmp_path):
   root, c, _ = run
   cfg_py = tmp_path / "cfg.py"
   cfg_py.write_text(
-      "from bagpiper_jax.synthetic import tiny_train_config\n"
+      "from configs.tiny import for_tests as tiny_train_config\n"
       "def get_config():\n"
       "  c = tiny_train_config(steps=10000, seq_len=128)\n"
       "  c.checkpoint.every_steps = 5000\n"

@@ -8,7 +8,7 @@ recomputed in Flax, so there is nothing to skip silently.
 
 from __future__ import annotations
 
-from bagpiper_jax.convert.rules import TensorRule, _dense, _same
+from bagpiper_jax.convert.tensor_rule import TensorRule, dense, same
 from bagpiper_jax.model.audio_encoder import conv_freq_bins
 from bagpiper_jax.model.config import AudioEncoderConfig
 
@@ -43,38 +43,38 @@ def audio_tower_rules(enc_cfg: AudioEncoderConfig, prefix: str = "",
   rules = []
   for i, c_in in ((1, 1), (2, Hc), (3, Hc)):
     rules.append(rule(f"conv2d{i}.weight", (f"conv2d{i}", "kernel"), (Hc, c_in, 3, 3), _conv2d()))
-    rules.append(rule(f"conv2d{i}.bias", (f"conv2d{i}", "bias"), (Hc,), _same()))
+    rules.append(rule(f"conv2d{i}.bias", (f"conv2d{i}", "bias"), (Hc,), same()))
   # torch flattens conv features as index ch * Fq + freq; the Flax kernel keeps [ch, freq, D].
-  rules.append(rule("conv_out.weight", ("conv_out", "kernel"), (D, Hc * Fq), _dense((Hc, Fq), (D,))))
+  rules.append(rule("conv_out.weight", ("conv_out", "kernel"), (D, Hc * Fq), dense((Hc, Fq), (D,))))
 
   per_layer = []
   for p in ("q", "k", "v"):
     per_layer += [
-        (f"self_attn.{p}_proj.weight", ("self_attn", f"{p}_proj", "kernel"), (D, D), _dense((D,), (H, Dh))),
+        (f"self_attn.{p}_proj.weight", ("self_attn", f"{p}_proj", "kernel"), (D, D), dense((D,), (H, Dh))),
         (f"self_attn.{p}_proj.bias", ("self_attn", f"{p}_proj", "bias"), (D,), _reshape((D,), (H, Dh))),
     ]
   per_layer += [
-      ("self_attn.out_proj.weight", ("self_attn", "out_proj", "kernel"), (D, D), _dense((H, Dh), (D,))),
-      ("self_attn.out_proj.bias", ("self_attn", "out_proj", "bias"), (D,), _same()),
-      ("self_attn_layer_norm.weight", ("self_attn_layer_norm", "scale"), (D,), _same()),
-      ("self_attn_layer_norm.bias", ("self_attn_layer_norm", "bias"), (D,), _same()),
-      ("fc1.weight", ("fc1", "kernel"), (Fd, D), _dense((D,), (Fd,))),
-      ("fc1.bias", ("fc1", "bias"), (Fd,), _same()),
-      ("fc2.weight", ("fc2", "kernel"), (D, Fd), _dense((Fd,), (D,))),
-      ("fc2.bias", ("fc2", "bias"), (D,), _same()),
-      ("final_layer_norm.weight", ("final_layer_norm", "scale"), (D,), _same()),
-      ("final_layer_norm.bias", ("final_layer_norm", "bias"), (D,), _same()),
+      ("self_attn.out_proj.weight", ("self_attn", "out_proj", "kernel"), (D, D), dense((H, Dh), (D,))),
+      ("self_attn.out_proj.bias", ("self_attn", "out_proj", "bias"), (D,), same()),
+      ("self_attn_layer_norm.weight", ("self_attn_layer_norm", "scale"), (D,), same()),
+      ("self_attn_layer_norm.bias", ("self_attn_layer_norm", "bias"), (D,), same()),
+      ("fc1.weight", ("fc1", "kernel"), (Fd, D), dense((D,), (Fd,))),
+      ("fc1.bias", ("fc1", "bias"), (Fd,), same()),
+      ("fc2.weight", ("fc2", "kernel"), (D, Fd), dense((Fd,), (D,))),
+      ("fc2.bias", ("fc2", "bias"), (D,), same()),
+      ("final_layer_norm.weight", ("final_layer_norm", "scale"), (D,), same()),
+      ("final_layer_norm.bias", ("final_layer_norm", "bias"), (D,), same()),
   ]
   for i in range(enc_cfg.num_layers):
     for name, path, shape, fns in per_layer:
       rules.append(rule(f"layers.{i}.{name}", ("layers",) + path, shape, fns, layer=i))
 
   rules += [
-      rule("ln_post.weight", ("ln_post", "scale"), (D,), _same()),
-      rule("ln_post.bias", ("ln_post", "bias"), (D,), _same()),
-      rule("proj1.weight", ("proj1", "kernel"), (D, D), _dense((D,), (D,))),
-      rule("proj1.bias", ("proj1", "bias"), (D,), _same()),
-      rule("proj2.weight", ("proj2", "kernel"), (O, D), _dense((D,), (O,))),
-      rule("proj2.bias", ("proj2", "bias"), (O,), _same()),
+      rule("ln_post.weight", ("ln_post", "scale"), (D,), same()),
+      rule("ln_post.bias", ("ln_post", "bias"), (D,), same()),
+      rule("proj1.weight", ("proj1", "kernel"), (D, D), dense((D,), (D,))),
+      rule("proj1.bias", ("proj1", "bias"), (D,), same()),
+      rule("proj2.weight", ("proj2", "kernel"), (O, D), dense((D,), (O,))),
+      rule("proj2.bias", ("proj2", "bias"), (O,), same()),
   ]
   return rules

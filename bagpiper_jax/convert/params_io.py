@@ -38,9 +38,10 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 from orbax.checkpoint._src.serialization import type_handler_registry
 from orbax.checkpoint._src.serialization import type_handlers
 
+from bagpiper_jax import paths
 from bagpiper_jax.model.config import ModelConfig
 
-PARAMS_ITEM = "params"
+PARAMS_ITEM = paths.PARAMS_ITEM
 MODEL_CONFIG_FILE = "model_config.json"
 
 Block = tuple[tuple, np.ndarray]  # (index into the leaf, values)
@@ -213,21 +214,19 @@ def _is_params_item(d: epath.Path) -> bool:
   return (d / "_METADATA").is_file()
 
 
-def resolve_params_dir(path: str) -> str:
-  """The Orbax params item for `path`: a save_params dir, a checkpoint step dir, a Checkpointer
-  directory (its latest finished step), or the params item itself. Local or remote (gs://)."""
-  p = epath.Path(path if "://" in str(path) else os.path.abspath(path))
+def resolve_params_dir(path: str, step: int | None = None) -> str:
+  """The Orbax params item for `path`: the params item itself, or anything paths.find_checkpoint
+  takes (a workdir, its checkpoints/ folder, one step folder, a save_params dir). Local or gs://."""
+  p = epath.Path(paths.resolve(path))
+  if step is None and p.name == PARAMS_ITEM and _is_params_item(p):
+    return str(p)
   if not p.exists():
     raise ParamsIOError(f"{path}: no such directory")
-  if _is_params_item(p / PARAMS_ITEM):
-    return str(p / PARAMS_ITEM)
-  if _is_params_item(p):
-    return str(p)
-  steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit() and _is_params_item(c / PARAMS_ITEM))
-  if steps:
-    return str(p / str(steps[-1]) / PARAMS_ITEM)
-  raise ParamsIOError(f"{path}: not a params checkpoint (no {PARAMS_ITEM}/_METADATA, no _METADATA, "
-                      "and no numbered step directories with a params item)")
+  try:
+    ref = paths.find_checkpoint(str(p), step)
+  except paths.CheckpointNotFound as e:
+    raise ParamsIOError(f"{path}: not a params checkpoint ({e})") from e
+  return ref.params_dir
 
 
 def read_model_config(path: str) -> ModelConfig | None:

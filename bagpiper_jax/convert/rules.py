@@ -8,40 +8,13 @@ release export, import of ESPnet checkpoints) goes through these rules; nothing 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from bagpiper_jax.convert import audio_tower
+from bagpiper_jax.convert.tensor_rule import Array, TensorRule, dense, same
 from bagpiper_jax.model.config import ModelConfig
-
-Array = np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorRule:
-  torch_key: str
-  flax_path: tuple[str, ...]
-  layer: int | None  # slice of the scanned leading axis, or None
-  torch_shape: tuple[int, ...]
-  to_flax: Callable[[Array], Array]
-  to_torch: Callable[[Array], Array]
-
-
-def _dense(in_dims: tuple[int, ...], out_dims: tuple[int, ...]):
-  """torch Linear weight [prod(out), prod(in)] <-> Flax kernel [*in_dims, *out_dims]."""
-  n_in, n_out = int(np.prod(in_dims)), int(np.prod(out_dims))
-
-  def to_flax(w):
-    return np.ascontiguousarray(w.reshape(n_out, n_in).T).reshape(*in_dims, *out_dims)
-
-  def to_torch(k):
-    return np.ascontiguousarray(k.reshape(n_in, n_out).T)
-  return to_flax, to_torch
-
-
-def _same():
-  return (lambda x: x), (lambda x: x)
 
 
 def decoder_rules(cfg: ModelConfig, prefix: str = "") -> list[TensorRule]:
@@ -49,22 +22,22 @@ def decoder_rules(cfg: ModelConfig, prefix: str = "") -> list[TensorRule]:
   E, H, K, D, F, V = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                       cfg.intermediate_size, cfg.vocab_size)
   rules = [
-      TensorRule(f"{prefix}model.embed_tokens.weight", ("embed_tokens", "embedding"), None, (V, E), *_same()),
-      TensorRule(f"{prefix}model.norm.weight", ("norm", "scale"), None, (E,), *_same()),
-      TensorRule(f"{prefix}lm_head.weight", ("lm_head", "kernel"), None, (V, E), *_dense((E,), (V,))),
+      TensorRule(f"{prefix}model.embed_tokens.weight", ("embed_tokens", "embedding"), None, (V, E), *same()),
+      TensorRule(f"{prefix}model.norm.weight", ("norm", "scale"), None, (E,), *same()),
+      TensorRule(f"{prefix}lm_head.weight", ("lm_head", "kernel"), None, (V, E), *dense((E,), (V,))),
   ]
   per_layer = [
-      ("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), (H * D, E), _dense((E,), (H, D))),
-      ("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), (K * D, E), _dense((E,), (K, D))),
-      ("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), (K * D, E), _dense((E,), (K, D))),
-      ("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), (E, H * D), _dense((H, D), (E,))),
-      ("self_attn.q_norm.weight", ("self_attn", "q_norm", "scale"), (D,), _same()),
-      ("self_attn.k_norm.weight", ("self_attn", "k_norm", "scale"), (D,), _same()),
-      ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (F, E), _dense((E,), (F,))),
-      ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (F, E), _dense((E,), (F,))),
-      ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (E, F), _dense((F,), (E,))),
-      ("input_layernorm.weight", ("input_layernorm", "scale"), (E,), _same()),
-      ("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), (E,), _same()),
+      ("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), (H * D, E), dense((E,), (H, D))),
+      ("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), (K * D, E), dense((E,), (K, D))),
+      ("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), (K * D, E), dense((E,), (K, D))),
+      ("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), (E, H * D), dense((H, D), (E,))),
+      ("self_attn.q_norm.weight", ("self_attn", "q_norm", "scale"), (D,), same()),
+      ("self_attn.k_norm.weight", ("self_attn", "k_norm", "scale"), (D,), same()),
+      ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), (F, E), dense((E,), (F,))),
+      ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), (F, E), dense((E,), (F,))),
+      ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), (E, F), dense((F,), (E,))),
+      ("input_layernorm.weight", ("input_layernorm", "scale"), (E,), same()),
+      ("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), (E,), same()),
   ]
   for i in range(cfg.num_layers):
     for name, path, shape, fns in per_layer:
@@ -76,9 +49,9 @@ def bagpiper_io_rules(cfg: ModelConfig) -> list[TensorRule]:
   """Multi-stream output embedding and the audio adapter (ESPnet names)."""
   E, A, S = cfg.hidden_size, cfg.audio_encoder.output_dim, cfg.num_streams
   return [
-      TensorRule("stream_emb.weight", ("stream_emb", "embedding"), None, (S, E), *_same()),
-      TensorRule("adaptor.continuous_audio.weight", ("adapter", "kernel"), None, (E, A), *_dense((A,), (E,))),
-      TensorRule("adaptor.continuous_audio.bias", ("adapter", "bias"), None, (E,), *_same()),
+      TensorRule("stream_emb.weight", ("stream_emb", "embedding"), None, (S, E), *same()),
+      TensorRule("adaptor.continuous_audio.weight", ("adapter", "kernel"), None, (E, A), *dense((A,), (E,))),
+      TensorRule("adaptor.continuous_audio.bias", ("adapter", "bias"), None, (E,), *same()),
   ]
 
 
@@ -89,7 +62,6 @@ def bagpiper_rules(cfg: ModelConfig, *, with_audio_tower: bool = True) -> list[T
   """Every tensor of the release layout (SPEC.md), codec excluded."""
   rules = decoder_rules(cfg) + bagpiper_io_rules(cfg)
   if with_audio_tower:
-    from bagpiper_jax.convert import audio_tower  # pylint: disable=g-import-not-at-top
     rules += audio_tower.audio_tower_rules(cfg.audio_encoder, prefix=AUDIO_TOWER_PREFIX,
                                            flax_root=("audio_encoder",))
   return rules

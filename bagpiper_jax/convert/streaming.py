@@ -16,9 +16,11 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from bagpiper_jax import batch as batch_lib
 from bagpiper_jax.convert import params_io
-from bagpiper_jax.convert.rules import TensorRule
+from bagpiper_jax.convert.tensor_rule import TensorRule
 from bagpiper_jax.convert.safetensors_io import PlannedTensor
+from bagpiper_jax.model import Bagpiper
 from bagpiper_jax.model.config import ModelConfig
 
 Path = tuple[str, ...]
@@ -26,8 +28,7 @@ Path = tuple[str, ...]
 
 def expected_params(cfg: ModelConfig) -> dict[Path, jax.ShapeDtypeStruct]:
   """Every leaf of the Bagpiper param tree for `cfg` (shapes and param dtype), without allocating."""
-  from bagpiper_jax.model import Bagpiper, dummy_batch  # pylint: disable=g-import-not-at-top
-  shapes = jax.eval_shape(lambda: Bagpiper(cfg).init(jax.random.PRNGKey(0), dummy_batch(cfg, 1, 8, 1)))
+  shapes = jax.eval_shape(lambda: Bagpiper(cfg).init(jax.random.PRNGKey(0), batch_lib.example(cfg, 1, 8, 1)))
   flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(shapes["params"]))[0]
   return {tuple(str(k.key) for k in kp): v for kp, v in flat}
 

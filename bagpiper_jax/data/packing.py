@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
+from bagpiper_jax import batch as batch_lib
 from bagpiper_jax.model.config import ModelConfig
 
 STATS_KEY = "bagpiper_stats"
@@ -147,35 +148,21 @@ class BatchAssembler:
   audio_rows -1) so every batch has the same static shape.
   """
 
-  def __init__(self, cfg: ModelConfig, *, batch_size: int, seq_len: int, max_windows: int,
-               mel_dtype=np.float32):
-    enc = cfg.audio_encoder
+  def __init__(self, cfg: ModelConfig, *, batch_size: int, seq_len: int, max_windows: int):
+    self._cfg = cfg
     self._b = batch_size
     self._l = seq_len
-    self._s = cfg.num_streams
     self._w = max_windows
-    self._c, self._m, self._f = enc.chunks_per_window, enc.num_mel_bins, enc.chunk_frames
-    self._frames_per_window = enc.frames_per_window_out
-    self._mel_dtype = np.dtype(mel_dtype)
+    self._frames_per_window = cfg.audio_encoder.frames_per_window_out
 
   def empty(self) -> dict[str, np.ndarray]:
     """An all-padding batch (used to keep hosts in lock step after eval data runs out)."""
     return self([])
 
   def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    b, l, s = self._b, self._l, self._s
-    if len(rows) > b:
-      raise ValueError(f"got {len(rows)} packed rows for a batch of {b}")
-    out = {
-        "input_ids": np.zeros((b, l, s), np.int32),
-        "loss_weights": np.zeros((b, l, s), np.float32),
-        "segment_ids": np.zeros((b, l), np.int32),
-        "positions": np.zeros((b, l), np.int32),
-    }
-    if self._w:
-      out["audio_mel"] = np.zeros((b, self._w, self._c, self._m, self._f), self._mel_dtype)
-      out["audio_chunk_lens"] = np.zeros((b, self._w, self._c), np.int32)
-      out["audio_rows"] = np.full((b, l), -1, np.int32)
+    if len(rows) > self._b:
+      raise ValueError(f"got {len(rows)} packed rows for a batch of {self._b}")
+    out = batch_lib.empty(self._cfg, self._b, self._l, self._w)
     for i, row in enumerate(rows):
       out["input_ids"][i] = row["input_ids"]
       out["loss_weights"][i] = row["loss_weights"]

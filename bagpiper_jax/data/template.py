@@ -38,8 +38,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from bagpiper_jax.audio import mel_to_windows
 from bagpiper_jax.model import config as mc
-from bagpiper_jax.model.audio_encoder import mel_to_windows
 
 
 class TemplateError(ValueError):

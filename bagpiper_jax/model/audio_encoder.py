@@ -4,7 +4,7 @@
 Layout. The reference takes a ragged batch (concatenated mel + lengths) and builds everything
 dynamically; under jit we need fixed shapes, so the host cuts each audio into *windows* of
 C = n_window_infer / (2 * n_window) = 8 chunks of F = 2 * n_window = 100 mel frames
-(`mel_to_windows`). One window is exactly one attention window of the reference (its `cu_seqlens`
+(`bagpiper_jax.audio.mel_to_windows`). One window is exactly one attention window of the reference (its `cu_seqlens`
 split every audio into runs of 8 chunks' worth of post-CNN frames), so attention never crosses a
 window and a window never mixes two audios.
 
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from bagpiper_jax.model.config import AudioEncoderConfig
+from bagpiper_jax.model.config import AudioEncoderConfig, conv_out_length
 from bagpiper_jax.model.layers import Proj, remat_policy
 
 Dtype = jnp.dtype
@@ -79,54 +79,12 @@ def sinusoid_position_embedding(length: int, channels: int, max_timescale: float
 
 def conv_freq_bins(num_mel_bins: int) -> int:
   """Frequency bins left after the three stride-2 convolutions (128 -> 16)."""
-  return (((num_mel_bins + 1) // 2 + 1) // 2 + 1) // 2
-
-
-# ---------------------------------------------------------------------------------------------
-# Host-side layout helpers (numpy; used by the data pipeline and tests).
-
-
-def num_windows(num_mel_frames: int, cfg: AudioEncoderConfig = AudioEncoderConfig()) -> int:
-  """Encoder windows needed for an audio of `num_mel_frames` (ceil over chunks, then over windows)."""
-  chunks = -(-num_mel_frames // cfg.chunk_frames)
-  return -(-chunks // cfg.chunks_per_window)
-
-
-def mel_to_windows(mel: np.ndarray, cfg: AudioEncoderConfig = AudioEncoderConfig()):
-  """Cuts one audio's log-mel [M, T] into encoder windows.
-
-  Returns (windows [W, C, M, F], chunk_lens [W, C] int32) with W = num_windows(T), C = 8, F = 100:
-  mel frame t lands in window t // (C*F), chunk (t // F) % C, column t % F. Columns past the end
-  of the audio are zero (the reference pads with zeros too); chunk_lens counts the real frames
-  (F for full chunks, T % F for a partial last chunk, 0 for unused chunks of the last window).
-  Encoder output frame j of the audio is then the j-th True of `valid` over these windows, in order.
-  """
-  mel = np.asarray(mel)
-  if mel.ndim != 2 or mel.shape[0] != cfg.num_mel_bins:
-    raise ValueError(f"mel_to_windows expects a log-mel of shape [{cfg.num_mel_bins}, T], got {mel.shape}")
-  m, t = mel.shape
-  if t == 0:
-    raise ValueError("mel_to_windows got an audio with 0 mel frames; the encoder needs at least one")
-  c, f = cfg.chunks_per_window, cfg.chunk_frames
-  w = num_windows(t, cfg)
-  # One strided copy [M, T] -> [chunks, M, F] (this is the hot path of audio-understanding data).
-  windows = np.zeros((w, c, m, f), mel.dtype)
-  flat = windows.reshape(w * c, m, f)
-  full = t // f
-  if full:
-    flat[:full] = mel[:, :full * f].reshape(m, full, f).transpose(1, 0, 2)
-  if t > full * f:
-    flat[full, :, :t - full * f] = mel[:, full * f:]
-  lens = np.clip(t - np.arange(w * c) * f, 0, f).astype(np.int32).reshape(w, c)
-  return windows, lens
+  return conv_out_length(num_mel_bins)
 
 
 def frame_valid_mask(chunk_lens, cfg: AudioEncoderConfig):
   """[..., C] valid mel frames per chunk -> [..., C*13] bool validity of the output frames."""
-  per_chunk = chunk_lens
-  # conv_out_length(n) for n > 0, written so it works on arrays; 0 stays 0.
-  for _ in range(3):
-    per_chunk = jnp.where(per_chunk > 0, (per_chunk - 1) // 2 + 1, 0)
+  per_chunk = conv_out_length(chunk_lens)
   k = cfg.frames_per_chunk_out
   valid = jnp.arange(k) < per_chunk[..., None]
   return valid.reshape(*chunk_lens.shape[:-1], chunk_lens.shape[-1] * k)

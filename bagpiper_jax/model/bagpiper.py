@@ -14,11 +14,11 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from bagpiper_jax import batch as batch_lib
 from bagpiper_jax.model import layers, loss as loss_lib
+from bagpiper_jax.model.audio_encoder import AudioEncoder
 from bagpiper_jax.model.config import ModelConfig
 
 
@@ -57,7 +57,6 @@ class Bagpiper(nn.Module):
     self.adapter = nn.Dense(cfg.hidden_size, dtype=dt, param_dtype=pdt,
                             kernel_init=init(("audio_embed", "embed")),
                             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
-    from bagpiper_jax.model.audio_encoder import AudioEncoder  # pylint: disable=g-import-not-at-top
     self.audio_encoder = AudioEncoder(cfg.audio_encoder, dtype=dt, param_dtype=pdt,
                                       remat_policy=cfg.remat_policy)
 
@@ -114,22 +113,3 @@ class Bagpiper(nn.Module):
     h = self.hidden(batch)
     rows = h[:, :, None, :] + self.stream_table().astype(h.dtype)
     return self.lm_head(rows).astype(jnp.float32)
-
-
-def dummy_batch(cfg: ModelConfig, batch_size: int, seq_len: int, audio_windows: int = 0,
-                mel_dtype=np.float32) -> dict:
-  """A zero batch with the contract's shapes (for init, eval_shape and AOT compilation)."""
-  s = cfg.num_streams
-  enc = cfg.audio_encoder
-  b = {
-      "input_ids": np.zeros((batch_size, seq_len, s), np.int32),
-      "loss_weights": np.zeros((batch_size, seq_len, s), np.float32),
-      "segment_ids": np.ones((batch_size, seq_len), np.int32),
-      "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
-  }
-  if audio_windows:
-    b["audio_mel"] = np.zeros((batch_size, audio_windows, enc.chunks_per_window, enc.num_mel_bins,
-                               enc.chunk_frames), mel_dtype)
-    b["audio_chunk_lens"] = np.zeros((batch_size, audio_windows, enc.chunks_per_window), np.int32)
-    b["audio_rows"] = np.full((batch_size, seq_len), -1, np.int32)
-  return b

@@ -48,10 +48,13 @@ class AudioEncoderConfig:
     return self.chunks_per_window * self.frames_per_chunk_out
 
 
-def conv_out_length(n: int) -> int:
-  """Length after three k3/s2/p1 convolutions."""
-  for _ in range(3):
-    n = (n - 1) // 2 + 1
+def conv_out_length(n, layers: int = 3):
+  """Length after `layers` k3/s2/p1 convolutions: ceil(n / 2) per layer (0 stays 0).
+
+  The one place this arithmetic lives; works on ints and on numpy / jax integer arrays.
+  """
+  for _ in range(layers):
+    n = (n + 1) // 2
   return n
 
 
@@ -59,7 +62,7 @@ def encoder_output_length(num_mel_frames: int, n_window: int = 50) -> int:
   """Encoder frames for an audio of `num_mel_frames` (= transformers' _get_feat_extract_output_lengths)."""
   chunk = 2 * n_window
   full, rest = divmod(num_mel_frames, chunk)
-  return full * conv_out_length(chunk) + (conv_out_length(rest) if rest else 0)
+  return full * conv_out_length(chunk) + conv_out_length(rest)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
 from bagpiper_jax.model.config import ModelConfig
 
@@ -134,8 +136,6 @@ def splash_attend(q, k, v, segment_ids, *, interpret: bool = False, block: int =
   the length axis is kept whole per shard. `interpret=True` runs the kernel in the Pallas interpreter
   (CPU tests).
   """
-  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
-      splash_attention_kernel as sk, splash_attention_mask as sm)
   b, l, h, d = q.shape
   blk = min(block, -(-l // 128) * 128)
   pad = (-l) % blk  # padded rows form their own segment (-1): they attend only to each other

@@ -1,4 +1,6 @@
-"""Audio loading and the Whisper-style log-mel that feeds the Qwen3-Omni audio encoder.
+"""Audio in: loading, the Whisper-style log-mel that feeds the Qwen3-Omni audio encoder, encoder windows.
+
+Shared by the offline data tool (records), the training input path (templating) and generation.
 
 The encoder (SPEC.md) consumes 128-bin log-mel at 16 kHz with a 10 ms hop, exactly as
 `transformers.WhisperFeatureExtractor(feature_size=128)` computes it: periodic Hann window of 400,
@@ -24,7 +26,11 @@ import os
 import warnings
 from typing import Optional
 
+import librosa
 import numpy as np
+import soundfile as sf
+
+from bagpiper_jax.model.config import AudioEncoderConfig
 
 SAMPLE_RATE = 16_000
 N_FFT = 400
@@ -43,8 +49,6 @@ def load_audio(path: str, *, start: Optional[float] = None, end: Optional[float]
   Returns (waveform, original_sample_rate) so callers can report files that were not at the
   expected rate. Raises AudioError naming the file for anything unusable.
   """
-  import librosa  # Imported lazily: ~1 s, and only the workers need it.
-  import soundfile as sf
 
   if not os.path.exists(path):
     raise AudioError(f"{path}: file not found")
@@ -86,7 +90,6 @@ def load_audio(path: str, *, start: Optional[float] = None, end: Optional[float]
 @functools.lru_cache(maxsize=4)
 def mel_filters(num_mel_bins: int = NUM_MEL_BINS) -> np.ndarray:
   """[num_mel_bins, 1 + N_FFT // 2] Slaney mel filter bank, 0..8 kHz (Whisper's, via librosa)."""
-  import librosa
 
   return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=num_mel_bins, fmin=0.0,
                              fmax=SAMPLE_RATE / 2, htk=False, norm="slaney").astype(np.float64)
@@ -130,3 +133,42 @@ def file_features(path: str, *, start: Optional[float] = None,
   """Convenience: load (mono, 16 kHz, segment) and featurise, float16 [128, T]."""
   wav, _ = load_audio(path, start=start, end=end)
   return mel_features(wav)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder windows (the host side of the audio encoder's fixed-shape layout, model/audio_encoder.py).
+
+
+def num_windows(num_mel_frames: int, cfg: AudioEncoderConfig = AudioEncoderConfig()) -> int:
+  """Encoder windows needed for an audio of `num_mel_frames` (ceil over chunks, then over windows)."""
+  chunks = -(-num_mel_frames // cfg.chunk_frames)
+  return -(-chunks // cfg.chunks_per_window)
+
+
+def mel_to_windows(mel: np.ndarray, cfg: AudioEncoderConfig = AudioEncoderConfig()):
+  """Cuts one audio's log-mel [M, T] into encoder windows.
+
+  Returns (windows [W, C, M, F], chunk_lens [W, C] int32) with W = num_windows(T), C = 8, F = 100:
+  mel frame t lands in window t // (C*F), chunk (t // F) % C, column t % F. Columns past the end
+  of the audio are zero (the reference pads with zeros too); chunk_lens counts the real frames
+  (F for full chunks, T % F for a partial last chunk, 0 for unused chunks of the last window).
+  Encoder output frame j of the audio is then the j-th True of `valid` over these windows, in order.
+  """
+  mel = np.asarray(mel)
+  if mel.ndim != 2 or mel.shape[0] != cfg.num_mel_bins:
+    raise ValueError(f"mel_to_windows expects a log-mel of shape [{cfg.num_mel_bins}, T], got {mel.shape}")
+  m, t = mel.shape
+  if t == 0:
+    raise ValueError("mel_to_windows got an audio with 0 mel frames; the encoder needs at least one")
+  c, f = cfg.chunks_per_window, cfg.chunk_frames
+  w = num_windows(t, cfg)
+  # One strided copy [M, T] -> [chunks, M, F] (this is the hot path of audio-understanding data).
+  windows = np.zeros((w, c, m, f), mel.dtype)
+  flat = windows.reshape(w * c, m, f)
+  full = t // f
+  if full:
+    flat[:full] = mel[:, :full * f].reshape(m, full, f).transpose(1, 0, 2)
+  if t > full * f:
+    flat[full, :, :t - full * f] = mel[:, full * f:]
+  lens = np.clip(t - np.arange(w * c) * f, 0, f).astype(np.int32).reshape(w, c)
+  return windows, lens

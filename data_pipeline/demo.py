@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -41,7 +42,15 @@ import subprocess
 import tempfile
 from typing import Any, Optional
 
+import librosa
 import numpy as np
+import soundfile as sf
+
+from bagpiper_jax import codec as codec_lib
+from bagpiper_jax import config_lib
+from data_pipeline import build as build_lib
+from data_pipeline import tokenizer_train
+from data_pipeline import writer
 
 SR = 16_000
 DEFAULT_NUM_CLIPS = 240
@@ -279,8 +288,6 @@ def clip_speech(rng, espeak: str, workdir: str):
   path = os.path.join(workdir, "speech.wav")
   subprocess.run([espeak, "-v", voice, "-s", str(speed), "-w", path, text], check=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
-  import librosa  # pylint: disable=g-import-not-at-top
-  import soundfile as sf  # pylint: disable=g-import-not-at-top
   x, sr = sf.read(path, dtype="float64", always_2d=True)
   x = librosa.resample(x.mean(axis=1), orig_sr=sr, target_sr=SR) if sr != SR else x.mean(axis=1)
   x = x[: 6 * SR]
@@ -390,8 +397,6 @@ def make_demo_data(out_dir: str, num_clips: int = DEFAULT_NUM_CLIPS, seed: int =
   Deterministic: clip i is drawn from np.random.default_rng([seed, i]); the same (seed, num_clips,
   espeak availability) gives byte-identical manifests and wavs.
   """
-  import soundfile as sf  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   if num_clips < EVAL_EVERY:
     raise ValueError(f"num_clips must be >= {EVAL_EVERY} (one eval clip per {EVAL_EVERY})")
@@ -443,7 +448,7 @@ def make_demo_data(out_dir: str, num_clips: int = DEFAULT_NUM_CLIPS, seed: int =
     all_text += [r["rich_caption"] for r in rows] + facts
     all_text += [m["content"] for d in sft for m in d["messages"] if m["modality"] == "text"]
 
-  tok = tokenizer_lib.train_sentencepiece(all_text, os.path.join(out_dir, "tokenizer", "spm"),
+  tok = tokenizer_train.train_sentencepiece(all_text, os.path.join(out_dir, "tokenizer", "spm"),
                                           DEMO_VOCAB_SIZE, seed=seed)
   paths = DemoPaths(root=os.path.abspath(out_dir), wav_dir=os.path.abspath(wav_dir),
                     tokenizer=os.path.abspath(tok),
@@ -458,7 +463,6 @@ def make_demo_data(out_dir: str, num_clips: int = DEFAULT_NUM_CLIPS, seed: int =
 @contextlib.contextmanager
 def _locked(path: str):
   """Exclusive lock, so several processes (hosts on one file system) do not generate at once."""
-  import fcntl  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
@@ -490,9 +494,6 @@ def ensure_demo_shards(out_dir: str, *, num_clips: int = DEFAULT_NUM_CLIPS, seed
   Each split's index.json lists its sources, record counts and errors (data_pipeline.writer).
   Calling it again with the same arguments returns at once; other arguments regenerate.
   """
-  from data_pipeline import build as build_lib  # pylint: disable=g-import-not-at-top
-  from data_pipeline import writer  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.data import codec as codec_lib  # pylint: disable=g-import-not-at-top
 
   out_dir = os.path.abspath(out_dir)
   shard_root = os.path.join(out_dir, "shards")
@@ -539,8 +540,6 @@ def demo_sources(shard_root: str, stage: str = "pretrain") -> tuple[dict[str, An
   pretrain / warmup: every pretraining subset that has records, weighted by the SPEC.md sampling
   factors (config_lib.PRETRAIN_MIXTURE); sft: {"sft": 1.0}. Paths are source directories.
   """
-  from bagpiper_jax import config_lib  # pylint: disable=g-import-not-at-top
-
   out = []
   for split in ("train", "eval"):
     with open(os.path.join(shard_root, split, "index.json")) as f:

@@ -10,7 +10,8 @@ Train (`make_train_iterator`), per source in config.data.train_sources:
     -> decode + template (bagpiper_jax.data.template) at load time
   then: weighted mixture of the sources (Grain's deterministic proportional interleave)
     -> drop + count documents over the row budgets -> best-fit packing -> batches of
-       host_batch_size(config) rows -> optional multiprocess prefetch (config.data.num_workers).
+       `rows` rows (batch.host_rows: the caller's one formula) -> optional multiprocess prefetch
+       (config.data.num_workers).
 
 Eval (`make_eval_iterator`): the sources of config.data.eval_sources concatenated in sorted name
 order, each in record order, host-sharded the same way, no shuffle, no mixing weights, finite.
@@ -24,10 +25,10 @@ The iterators are Grain DatasetIterators: `get_state()` returns a JSON-serialisa
 `set_state()` restores it, also in a fresh process (same config, host count and num_workers).
 `pipeline_stats(it)` reads the drop/pack counters out of that state.
 
-config.data keys besides the sources (config_lib; read with defaults so older configs work):
-seq_len, max_audio_windows, per_device_batch, shuffle_seed, num_workers, template, host_batch
-(0 = per_device_batch x local devices), packing_bins / read_threads / read_buffer (0 = the module
-defaults), mixture_weighting.
+config.data keys besides the sources (defaults in config_lib.base_config, the one place): seq_len,
+max_audio_windows, shuffle_seed, num_workers, template, packing_bins, read_threads, read_buffer,
+mixture_weighting. This module imports no jax (Grain's prefetch workers import it), so the
+caller says which process it is and how many rows it feeds.
 """
 
 from __future__ import annotations
@@ -40,15 +41,14 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
+from etils import epath
 
 from bagpiper_jax.data import packing
 from bagpiper_jax.data import records
 from bagpiper_jax.data import template
 from bagpiper_jax.model.config import ModelConfig
 
-DEFAULT_PACKING_BINS = 32  # best-fit pool; >=98% fill on the pretraining length mix
-DEFAULT_READ_THREADS = 8  # hides remote (GCS) read latency; CPU-bound local reads are ~flat in 1..8
-DEFAULT_READ_BUFFER = 64  # templated documents in flight (audio ones hold ~0.5 MB of mel each)
 MIXTURE_WEIGHTINGS = ("factor", "proportion")
 TEMPLATES = ("pretrain", "sft")
 
@@ -57,32 +57,7 @@ TEMPLATES = ("pretrain", "sft")
 # Config helpers.
 
 
-def _get(cfg_section, key: str, default):
-  try:
-    v = cfg_section.get(key, default)
-  except AttributeError:
-    v = getattr(cfg_section, key, default)
-  return default if v is None else v
-
-
-def _model_cfg(model_cfg) -> ModelConfig:
-  return model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(model_cfg)
-
-
-def host_batch_size(config) -> int:
-  """Rows per host batch: config.data.host_batch if set, else per_device_batch x local devices."""
-  hb = int(_get(config.data, "host_batch", 0))
-  if hb > 0:
-    return hb
-  import jax  # pylint: disable=g-import-not-at-top  (keeps worker processes free of jax)
-  return int(config.data.per_device_batch) * jax.local_device_count()
-
-
-def _process(process_index, process_count) -> tuple[int, int]:
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+def _check_process(process_index: int, process_count: int) -> tuple[int, int]:
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
   return int(process_index), int(process_count)
@@ -96,10 +71,10 @@ def _source_specs(sources, key: str) -> dict[str, dict[str, Any]]:
   out = {}
   for name in sorted(sources):
     spec = sources[name]
-    path = _get(spec, "path", None) if not isinstance(spec, str) else spec
+    path = spec if isinstance(spec, str) else spec.get("path", None)
     if not path:
       raise ValueError(f"config.data.{key}[{name!r}] has no 'path'")
-    weight = float(_get(spec, "weight", 1.0)) if not isinstance(spec, str) else 1.0
+    weight = 1.0 if isinstance(spec, str) else float(spec.get("weight", 1.0))
     if weight < 0:
       raise ValueError(f"config.data.{key}[{name!r}].weight must be >= 0, got {weight}")
     out[name] = {"path": str(path), "weight": weight}
@@ -114,7 +89,6 @@ def shard_paths(name: str, pattern: str) -> list[str]:
   """Sorted shard files of one source: a glob, a directory (its *.array_record* files) or a file."""
   is_remote = "://" in pattern
   if is_remote:
-    from etils import epath  # pylint: disable=g-import-not-at-top
     p = epath.Path(pattern)
     if p.is_dir():
       files = sorted(str(f) for f in p.glob("*.array_record*"))
@@ -129,6 +103,22 @@ def shard_paths(name: str, pattern: str) -> list[str]:
   return files
 
 
+def shard_record_counts(ds: grain.sources.ArrayRecordDataSource) -> list[int]:
+  """Records per shard of an open ArrayRecordDataSource, in shard order.
+
+  The one private-API call of this package: grain (checked with 0.2.18) reads every shard's record
+  count while opening the source but exposes only the total; counting again with public readers
+  would open every shard twice (a remote read each on gs://). tests/test_pipeline.py checks it
+  against ArrayRecordReader counts, so an upgrade that removes the attribute fails loudly there.
+  """
+  try:
+    return [int(ri.num_records) for ri in ds._read_instructions]  # pylint: disable=protected-access
+  except AttributeError as e:
+    raise RuntimeError(f"grain {grain.__version__ if hasattr(grain, '__version__') else '?'}: "
+                       "ArrayRecordDataSource no longer has _read_instructions; update "
+                       "input_pipeline.shard_record_counts") from e
+
+
 class ShardSource:
   """Random access over the shards of one source; records come back with their global key.
 
@@ -136,21 +126,10 @@ class ShardSource:
   """
 
   def __init__(self, name: str, paths: list[str]):
-    from grain.sources import ArrayRecordDataSource  # pylint: disable=g-import-not-at-top
     self.name = name
     self.paths = list(paths)
-    self._ds = ArrayRecordDataSource(self.paths)
-    # Per-shard record counts: ArrayRecordDataSource already read them while opening (private
-    # attribute); if a future version hides them, count again shard by shard.
-    try:
-      counts = [ri.num_records for ri in self._ds._read_instructions]  # pylint: disable=protected-access
-    except AttributeError:
-      from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-      counts = []
-      for p in self.paths:
-        r = array_record_module.ArrayRecordReader(p)
-        counts.append(r.num_records())
-        r.close()
+    self._ds = grain.sources.ArrayRecordDataSource(self.paths)
+    counts = shard_record_counts(self._ds)
     if len(counts) != len(self.paths) or sum(counts) != len(self._ds):
       raise RuntimeError(f"source {name!r}: shard record counts {counts} do not add up to {len(self._ds)}")
     self._ends = list(np.cumsum(counts))
@@ -216,16 +195,15 @@ def _finish(ds: grain.IterDataset, config, cfg: ModelConfig, *, batch: int, seed
   max_windows = int(config.data.max_audio_windows)
   ds = packing.BudgetFilterIterDataset(ds, seq_len=seq_len, max_windows=max_windows)
   ds = packing.pack(ds, seq_len=seq_len, max_windows=max_windows,
-                    num_bins=int(_get(config.data, "packing_bins", 0)) or DEFAULT_PACKING_BINS,
+                    num_bins=int(config.data.packing_bins),
                     seed=seed, shuffle_bins=train)
   assembler = packing.BatchAssembler(cfg, batch_size=batch, seq_len=seq_len, max_windows=max_windows)
   ds = ds.batch(batch, drop_remainder=False, batch_fn=assembler)
   ds = packing.CountingIterDataset(ds)
-  workers = int(_get(config.data, "num_workers", 0))
+  workers = int(config.data.num_workers)
   if workers > 0:
     # Each worker process reads its own slice of the mixed stream and packs it; the main process
     # interleaves their batches. The output depends on num_workers: keep it fixed across restarts.
-    from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # Grain workers read absl flags; outside an absl app use defaults.
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
@@ -235,34 +213,33 @@ def _finish(ds: grain.IterDataset, config, cfg: ModelConfig, *, batch: int, seed
 
 
 def _read_options(config) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=int(_get(config.data, "read_threads", 0)) or DEFAULT_READ_THREADS,
-                           prefetch_buffer_size=int(_get(config.data, "read_buffer", 0)) or DEFAULT_READ_BUFFER)
+  return grain.ReadOptions(num_threads=int(config.data.read_threads),
+                           prefetch_buffer_size=int(config.data.read_buffer))
 
 
 def _check_template(config) -> None:
-  t = _get(config.data, "template", "pretrain")
+  t = config.data.template
   if t not in TEMPLATES:  # both use the SPEC.md format; the record decides the messages.
     raise ValueError(f"config.data.template {t!r} not in {TEMPLATES}")
 
 
-def make_train_iterator(config, model_cfg, *, process_index: int | None = None,
-                        process_count: int | None = None):
+def make_train_iterator(config, cfg: ModelConfig, *, rows: int, process_index: int, process_count: int):
   """Infinite iterator of host batches (dicts of numpy arrays, bagpiper_jax/batch.py contract).
 
   Args:
     config: the ml_collections config (uses config.data.*).
-    model_cfg: ModelConfig (or its dict) giving the vocabulary layout and encoder chunking.
-    process_index / process_count: this host's JAX process; default jax.process_index/count().
+    cfg: the ModelConfig (vocabulary layout, encoder chunking).
+    rows: rows per host batch (batch.host_rows).
+    process_index / process_count: this host's JAX process (jax.process_index/count()).
 
   Returns:
     a grain DatasetIterator; get_state() -> JSON-serialisable dict, set_state(state) restores.
   """
   _check_template(config)
-  cfg = _model_cfg(model_cfg)
-  pi, pc = _process(process_index, process_count)
+  pi, pc = _check_process(process_index, process_count)
   specs = _source_specs(config.data.train_sources, "train_sources")
-  base_seed = int(_get(config.data, "shuffle_seed", 0))
-  weighting = _get(config.data, "mixture_weighting", "factor")
+  base_seed = int(config.data.shuffle_seed)
+  weighting = config.data.mixture_weighting
   if weighting not in MIXTURE_WEIGHTINGS:
     raise ValueError(f"config.data.mixture_weighting {weighting!r} not in {MIXTURE_WEIGHTINGS}")
   streams, weights = [], []
@@ -279,12 +256,12 @@ def make_train_iterator(config, model_cfg, *, process_index: int | None = None,
   total = sum(weights)
   ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, [w / total for w in weights])
   ds = ds.to_iter_dataset(_read_options(config))
-  return _finish(ds, config, cfg, batch=host_batch_size(config), seed=_seed(base_seed, "packing"),
+  return _finish(ds, config, cfg, batch=rows, seed=_seed(base_seed, "packing"),
                  train=True)
 
 
-def make_eval_iterator(config, model_cfg, *, process_index: int | None = None,
-                       process_count: int | None = None, num_batches: int | None = None):
+def make_eval_iterator(config, cfg: ModelConfig, *, rows: int, process_index: int, process_count: int,
+                       num_batches: int | None = None):
   """Finite, deterministic iterator over config.data.eval_sources (one pass, no shuffle).
 
   With num_batches set it yields exactly that many batches, all-padding ones after the data runs
@@ -292,15 +269,14 @@ def make_eval_iterator(config, model_cfg, *, process_index: int | None = None,
   numbers of batches). Weights in eval_sources are ignored.
   """
   _check_template(config)
-  cfg = _model_cfg(model_cfg)
-  pi, pc = _process(process_index, process_count)
+  pi, pc = _check_process(process_index, process_count)
   specs = _source_specs(config.data.eval_sources, "eval_sources")
   parts = [host_stream(ShardSource(name, shard_paths(name, spec["path"])), cfg, seed=None,
                        process_index=pi, process_count=pc)
            for name, spec in specs.items()]
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
   ds = ds.to_iter_dataset(_read_options(config))
-  return _finish(ds, config, cfg, batch=host_batch_size(config), seed=0, train=False,
+  return _finish(ds, config, cfg, batch=rows, seed=0, train=False,
                  num_batches=num_batches)
 
 

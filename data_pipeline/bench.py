@@ -1,7 +1,7 @@
 r"""Input-pipeline throughput: synthetic ArrayRecord shards -> template -> pack -> batch.
 
-  python -m bagpiper_jax.data.bench                       # 8B vocab, seq_len 8192, 32 windows
-  python -m bagpiper_jax.data.bench --num_workers=2 --seconds=30
+  python -m data_pipeline.bench                       # 8B vocab, seq_len 8192, 32 windows
+  python -m data_pipeline.bench --num_workers=2 --seconds=30
 
 Writes one source per SPEC.md pretraining subset (config_lib.PRETRAIN_MIXTURE weights, equal
 record counts, so the document mix follows the sampling factors) into a temporary directory:
@@ -11,126 +11,42 @@ record counts, so the document mix follows the sampling factors) into a temporar
 then times make_train_iterator on it and prints packed tokens/s for this host, against the 20k
 tokens/s an 8B v5p host (4 chips) consumes at 50% MFU and the 200k target.
 
-The synthetic generators are also what tests/test_pipeline_*.py write their shards with.
+The synthetic generators (data_pipeline/synthetic_records.py) are also what the tests write shards with.
 """
 
 from __future__ import annotations
 
+import cProfile
 import os
+import pstats
 import tempfile
 import time
-from typing import Any, Callable, Iterable
 
 import numpy as np
+from absl import app, flags
 
+from bagpiper_jax import config_lib
+from bagpiper_jax.data import input_pipeline as pipeline
 from bagpiper_jax.data import records
+from bagpiper_jax.data import template
+from bagpiper_jax.model.config import ModelConfig
+from data_pipeline.synthetic_records import WRITER_OPTIONS, write_pretrain_sources
 
 # An 8B v5p host: 4 chips x 459 TFLOP/s x 50% MFU / (6 x 8.27e9 FLOP per token) ~= 18.5k tokens/s.
 HOST_NEED_TOKENS_PER_S = 20_000
+_DATA_DEFAULTS = config_lib.base_config("pretrain").data
 TARGET_TOKENS_PER_S = 200_000
-# What data_pipeline/writer.py uses (default compression). "group_size:1,uncompressed" reads und
-# records (~0.4 MB of float16 mel each, which barely compresses) about 2.5x faster.
-WRITER_OPTIONS = "group_size:1"
-
-# --------------------------------------------------------------------------------------------
-# Synthetic records (shared with the tests).
-
-
-def text_ids(rng: np.random.Generator, n: int, text_vocab: int = 151936, num_specials: int = 256):
-  return (rng.integers(0, text_vocab, n) + num_specials).astype(np.int32)
-
-
-def und_example(rng, idx: int, source: str, *, frames=(500, 3000), caption=(50, 300), text_vocab=151936):
-  t = int(rng.integers(frames[0], frames[1] + 1))
-  return {
-      "id": f"{source}/{idx}", "source": source, "task": "audio_to_text",
-      "messages": [
-          {"role": "user", "modality": "audio",
-           "mel": rng.standard_normal((128, t), dtype=np.float32).astype(np.float16)},
-          {"role": "assistant", "modality": "text",
-           "text_ids": text_ids(rng, int(rng.integers(caption[0], caption[1] + 1)), text_vocab)},
-      ]}
-
-
-def gen_example(rng, idx: int, source: str, *, frames=(250, 1500), caption=(50, 300), text_vocab=151936):
-  t = int(rng.integers(frames[0], frames[1] + 1))
-  return {
-      "id": f"{source}/{idx}", "source": source, "task": "text_to_audio",
-      "messages": [
-          {"role": "user", "modality": "text",
-           "text_ids": text_ids(rng, int(rng.integers(caption[0], caption[1] + 1)), text_vocab)},
-          {"role": "assistant", "modality": "audio",
-           "codes": rng.integers(0, 1024, (t, 8)).astype(np.int16)},
-      ]}
-
-
-def text_example(rng, idx: int, source: str, *, length=(200, 4000), text_vocab=151936):
-  return {
-      "id": f"{source}/{idx}", "source": source, "task": "text_only",
-      "messages": [{"role": "assistant", "modality": "text",
-                    "text_ids": text_ids(rng, int(rng.integers(length[0], length[1] + 1)), text_vocab)}]}
-
-
-def pretrain_example_fn(source: str) -> Callable[..., dict[str, Any]]:
-  if source.endswith("_und"):
-    return und_example
-  if source.endswith("_gen"):
-    return gen_example
-  return text_example
-
-
-def write_shards(directory: str, examples: Iterable[dict[str, Any] | bytes], num_shards: int,
-                 prefix: str = "part", options: str = WRITER_OPTIONS) -> list[str]:
-  """Writes examples, in order and in contiguous blocks, into `num_shards` ArrayRecord files.
-
-  Accepts already-encoded bytes too (to plant bad records). Returns the shard paths in order.
-  """
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
-  os.makedirs(directory, exist_ok=True)
-  items = list(examples)
-  per = -(-len(items) // num_shards)
-  paths = []
-  for s in range(num_shards):
-    path = os.path.join(directory, f"{prefix}-{s:05d}-of-{num_shards:05d}.array_record")
-    w = ArrayRecordWriter(path, options)
-    for ex in items[s * per:(s + 1) * per]:
-      w.write(ex if isinstance(ex, bytes) else records.encode(ex))
-    w.close()
-    paths.append(path)
-  return paths
-
-
-def write_pretrain_sources(root: str, records_per_source: int, shards_per_source: int, seed: int = 0,
-                           mixture: dict[str, float] | None = None,
-                           options: str = WRITER_OPTIONS) -> dict[str, dict[str, Any]]:
-  """One shard directory per pretraining subset; returns config.data.train_sources for them."""
-  if mixture is None:
-    from bagpiper_jax.config_lib import PRETRAIN_MIXTURE  # pylint: disable=g-import-not-at-top
-    mixture = PRETRAIN_MIXTURE
-  sources = {}
-  for k, (name, weight) in enumerate(sorted(mixture.items())):
-    rng = np.random.default_rng([seed, k])
-    fn = pretrain_example_fn(name)
-    d = os.path.join(root, name)
-    write_shards(d, (fn(rng, i, name) for i in range(records_per_source)), shards_per_source,
-                 options=options)
-    sources[name] = {"path": d, "weight": weight}
-  return sources
-
-
 # --------------------------------------------------------------------------------------------
 # Benchmark.
 
 
-def bench_config(sources, *, seq_len: int, max_audio_windows: int, host_batch: int, num_workers: int,
-                 read_threads: int, packing_bins: int):
-  from bagpiper_jax import config_lib  # pylint: disable=g-import-not-at-top
+def bench_config(sources, *, seq_len: int, max_audio_windows: int, num_workers: int, read_threads: int,
+                 packing_bins: int):
   c = config_lib.base_config("pretrain")
   c.data.train_sources = sources
   c.data.seq_len = seq_len
   c.data.max_audio_windows = max_audio_windows
   c.data.num_workers = num_workers
-  c.data.host_batch = host_batch
   c.data.read_threads = read_threads
   c.data.packing_bins = packing_bins
   return c
@@ -154,7 +70,6 @@ def measure(it, *, seconds: float, warmup_batches: int) -> dict[str, float]:
 
 def stage_costs(sources, cfg, n: int = 50) -> None:
   """Single-threaded microseconds per document of read / decode / template, per source kind."""
-  from bagpiper_jax.data import pipeline, template  # pylint: disable=g-import-not-at-top
   for kind in ("und", "gen", "text_only"):
     name = next(k for k in sorted(sources) if k.endswith(kind))
     src = pipeline.ShardSource(name, pipeline.shard_paths(name, sources[name]["path"]))
@@ -175,9 +90,6 @@ def stage_costs(sources, cfg, n: int = 50) -> None:
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   root = os.path.join(f.data_dir or tempfile.mkdtemp(prefix="bagpiper_bench_"),
                       f"{f.records_per_source}x{f.shards_per_source}_"
@@ -185,8 +97,7 @@ def main(argv):
   marker = os.path.join(root, "DONE")
   t0 = time.perf_counter()
   if os.path.exists(marker):
-    from bagpiper_jax.config_lib import PRETRAIN_MIXTURE  # pylint: disable=g-import-not-at-top
-    sources = {n: {"path": os.path.join(root, n), "weight": w} for n, w in PRETRAIN_MIXTURE.items()}
+    sources = {n: {"path": os.path.join(root, n), "weight": w} for n, w in config_lib.PRETRAIN_MIXTURE.items()}
     print(f"reusing synthetic shards in {root}")
   else:
     sources = write_pretrain_sources(root, f.records_per_source, f.shards_per_source,
@@ -196,16 +107,14 @@ def main(argv):
     print(f"wrote {len(sources)} sources x {f.records_per_source} records ({size / 2**20:.0f} MiB) "
           f"to {root} in {time.perf_counter() - t0:.1f}s")
   config = bench_config(sources, seq_len=f.seq_len, max_audio_windows=f.max_audio_windows,
-                        host_batch=f.host_batch, num_workers=f.num_workers, read_threads=f.read_threads,
+                        num_workers=f.num_workers, read_threads=f.read_threads,
                         packing_bins=f.packing_bins)
   cfg = ModelConfig()  # 8B vocabulary layout; no parameters are built.
   if f.stages:
     print("stage costs (single thread):")
     stage_costs(sources, cfg)
-  it = pipeline.make_train_iterator(config, cfg, process_index=0, process_count=1)
+  it = pipeline.make_train_iterator(config, cfg, rows=f.host_batch, process_index=0, process_count=1)
   if f.profile:
-    import cProfile  # pylint: disable=g-import-not-at-top
-    import pstats  # pylint: disable=g-import-not-at-top
     prof = cProfile.Profile()
     prof.enable()
   r = measure(it, seconds=f.seconds, warmup_batches=f.warmup_batches)
@@ -229,8 +138,6 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("data_dir", "", "where to write (or reuse) the synthetic shards; default a new tmp dir")
   flags.DEFINE_integer("records_per_source", 200, "synthetic records per source (repeated as epochs)")
   flags.DEFINE_integer("shards_per_source", 4, "ArrayRecord shards per source")
@@ -239,8 +146,8 @@ def _define_flags():
   flags.DEFINE_integer("max_audio_windows", 32, "encoder windows per row")
   flags.DEFINE_integer("host_batch", 4, "rows per host batch (v5p host: 4 chips x 1)")
   flags.DEFINE_integer("num_workers", 0, "grain mp_prefetch worker processes (0 = in process)")
-  flags.DEFINE_integer("read_threads", pipeline.DEFAULT_READ_THREADS, "threads reading + templating records")
-  flags.DEFINE_integer("packing_bins", pipeline.DEFAULT_PACKING_BINS, "best-fit bins per packing round")
+  flags.DEFINE_integer("read_threads", _DATA_DEFAULTS.read_threads, "threads reading + templating records")
+  flags.DEFINE_integer("packing_bins", _DATA_DEFAULTS.packing_bins, "best-fit bins per packing round")
   flags.DEFINE_float("seconds", 20.0, "measurement time")
   flags.DEFINE_integer("warmup_batches", 4, "batches before timing starts")
   flags.DEFINE_bool("stages", True, "print single-threaded read/decode/template costs per document kind")
@@ -248,6 +155,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(main)

@@ -1,0 +1,1 @@
+"""Model-size configs (ml_collections); the stage is chosen after `:` on the command line."""
