@@ -18,9 +18,8 @@ train.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Mapping
 
-import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
@@ -130,7 +129,3 @@ def make_optimizer(config, model_cfg: ModelConfig) -> optax.GradientTransformati
       optax.scale_by_learning_rate(make_schedule(config)),
       *row_mask,  # after weight decay, so decay does not move the frozen rows either
   )
-
-
-def global_norm(tree: Any) -> jax.Array:
-  return optax.global_norm(tree)

@@ -14,6 +14,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from bagpiper_jax import config_lib
 from bagpiper_jax.data import records
+from bagpiper_jax.model.config import ModelConfig
 
 # What data_pipeline/writer.py uses (default compression). "group_size:1,uncompressed" reads und
 # records (~0.4 MB of float16 mel each, which barely compresses) about 2.5x faster.

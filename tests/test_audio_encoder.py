@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-torch = pytest.importorskip("torch")
-qwen3_omni = pytest.importorskip("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe")
-qwen3_omni_cfg = pytest.importorskip("transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe")
+import torch
+from transformers.models.qwen3_omni_moe import configuration_qwen3_omni_moe as qwen3_omni_cfg
+from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as qwen3_omni
 
 from bagpiper_jax import audio
-from bagpiper_jax.convert import audio_tower, rules  # pylint: disable=g-import-not-at-top
-from bagpiper_jax.model import audio_encoder as ae  # pylint: disable=g-import-not-at-top
+from bagpiper_jax.convert import audio_tower, rules
+from bagpiper_jax.model import audio_encoder as ae
 from bagpiper_jax.model.config import AudioEncoderConfig, conv_out_length, encoder_output_length
 
 CFG = AudioEncoderConfig(d_model=32, num_layers=2, num_heads=4, ffn_dim=64, downsample_hidden_size=8,

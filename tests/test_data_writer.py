@@ -44,7 +44,6 @@ def _tone(seconds: float, freq: float, sr: int = 16000) -> np.ndarray:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   """Audio files, a tokenizer, a tiny X-Codec and one manifest mixing every kind of line."""
-  pytest.importorskip("transformers")
   d = tmp_path_factory.mktemp("corpus")
   (d / "wavs").mkdir()
   sf.write(d / "wavs/a.wav", _tone(1.5, 440), 16000)

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from bagpiper_jax import audio
 from bagpiper_jax import codec
 from data_pipeline import codes as codes_lib
 
 
 @pytest.fixture(scope="module")
 def xcodec_dir(tmp_path_factory):
-  pytest.importorskip("transformers")
   return codec.build_tiny_xcodec(str(tmp_path_factory.mktemp("xcodec")), seed=0)
 
 
@@ -47,7 +47,7 @@ def test_xcodec_encode_file_cuts_segment(xcodec_dir, tmp_path):
   np.testing.assert_array_equal(whole, backend.encode(x))
   seg = backend.encode_file(path, start=0.5, end=1.5)
   assert seg.shape == (50, 8)
-  with pytest.raises(Exception, match="file not found"):
+  with pytest.raises(audio.AudioError, match="nope.wav: file not found"):
     backend.encode_file(str(tmp_path / "nope.wav"))
 
 

@@ -10,7 +10,6 @@ import stat
 import sys
 
 import numpy as np
-import pytest
 
 from bagpiper_jax import audio as features
 from bagpiper_jax import tokenizer
@@ -100,7 +99,6 @@ sf.write(out, 0.3 * np.sin(2 * np.pi * 150 * np.arange(26460) / 22050), 22050)
 
 
 def test_ensure_demo_shards_end_to_end(tmp_path):
-  pytest.importorskip("transformers")
   root = demo.ensure_demo_shards(str(tmp_path), num_clips=20, seed=0, num_workers=0, shard_size=8)
   assert root == os.path.join(str(tmp_path), "shards")
   stamp = os.path.join(root, "demo_shards.json")

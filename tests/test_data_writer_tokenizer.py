@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import tokenizers as tk
 
 from bagpiper_jax import tokenizer
 from data_pipeline import tokenizer_train
@@ -39,7 +40,6 @@ def test_sentencepiece_rejects_bad_args(tmp_path):
 
 
 def test_hf_tokenizer_json(tmp_path):
-  tk = pytest.importorskip("tokenizers")
   hf = tk.Tokenizer(tk.models.BPE(unk_token="[UNK]"))
   hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
   hf.decoder = tk.decoders.ByteLevel()

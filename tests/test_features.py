@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile as sf
+import transformers
 
 from bagpiper_jax import audio as features
 
@@ -21,7 +22,6 @@ def _clip(n: int, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def extractor():
-  transformers = pytest.importorskip("transformers")
   return transformers.WhisperFeatureExtractor(feature_size=128)
 
 

@@ -15,21 +15,18 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh
+from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from bagpiper_jax import sharding, train_state, train_step, trainer
+from bagpiper_jax import sharding, train_state
 from bagpiper_jax.model import ModelConfig
+from configs import bagpiper_8b
 from configs.tiny import for_tests as tiny_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config_8b():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("_c8b", os.path.join(REPO, "configs", "bagpiper_8b.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config("pretrain")
+  return bagpiper_8b.get_config("pretrain")
 
 
 def test_mesh_shapes_resolve_and_reject():
@@ -53,29 +50,38 @@ def test_mesh_shapes_resolve_and_reject():
 
 
 def test_unknown_logical_name_is_an_error():
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="no rule"):
     sharding.check_rules_cover({"w": P("embed", "experts")})
 
 
 def test_8b_params_and_opt_state_fully_sharded_over_fsdp():
-  """Every large 8B tensor is split 256 ways on a v5p-512-like fsdp mesh (abstract; no devices)."""
+  """Every large 8B tensor, parameter or Adam moment, is split 256 ways on a v5p-512-like fsdp mesh
+  (abstract; no devices)."""
   c = _config_8b()
-  abstract, logical = train_state.param_specs(ModelConfig.from_dict(c.model))
   mesh = AbstractMesh((1, 256, 1, 1), sharding.MESH_AXES)
-  shard = sharding.logical_to_sharding(logical, abstract, mesh)
-  total = per_device = 0
-  for leaf, sh in zip(jax.tree.leaves(abstract), jax.tree.leaves(shard)):
-    n = math.prod(leaf.shape) * leaf.dtype.itemsize
-    split = math.prod(mesh.shape[a] for axes in sh.spec if axes for a in (axes if isinstance(axes, tuple) else (axes,)))
-    total += n
-    per_device += n / split
-    if n > 64 << 20:
-      assert split == 256, (leaf.shape, sh.spec)
-  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
-  assert 8.2e9 < n_params - sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["audio_encoder"])) < 8.35e9
-  # What stays replicated: norm scales/biases and the encoder's 3x3 conv kernels (~20 MB in all).
-  assert per_device < total / 256 + (32 << 20), (per_device, total)
+  layout = train_state.StateLayout(c, mesh, ModelConfig.from_dict(c.model))
+  abstract = layout.abstract_params
+
+  def split_of(sh):
+    return math.prod(mesh.shape[a] for axes in sh.spec if axes for a in (axes if isinstance(axes, tuple) else (axes,)))
+
+  for part, tree in (("params", layout.abstract_state.params), ("opt_state", layout.abstract_state.opt_state)):
+    total = per_device = 0
+    leaves = jax.tree.leaves(tree)
+    assert leaves, part
+    for leaf in leaves:
+      n = math.prod(leaf.shape) * leaf.dtype.itemsize
+      total += n
+      per_device += n / split_of(leaf.sharding)
+      if n > 64 << 20:
+        assert split_of(leaf.sharding) == 256, (part, leaf.shape, leaf.sharding.spec)
+    # What stays replicated: norm scales/biases and the encoder's 3x3 conv kernels (~20 MB in all).
+    assert per_device < total / 256 + (32 << 20), (part, per_device, total)
+  # Adam's two fp32 moments cover exactly the trainable params (the encoder has no optimizer state).
+  trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)) - sum(
+      math.prod(x.shape) for x in jax.tree.leaves(abstract["audio_encoder"]))
+  moments = sum(math.prod(x.shape) for x in jax.tree.leaves(layout.abstract_state.opt_state) if x.ndim)
+  assert 8.2e9 < trainable < 8.35e9 and moments == 2 * trainable, (trainable, moments)
 
 
 _EQUIV = r"""

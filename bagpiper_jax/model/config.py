@@ -89,7 +89,6 @@ class ModelConfig:
   # Numerics and memory.
   dtype: str = "bfloat16"  # compute dtype
   param_dtype: str = "float32"
-  scan_layers: bool = True
   remat_policy: str = "nothing_saveable"  # none | nothing_saveable | dots | dots_no_batch | full
   attention_impl: str = "xla"  # xla | splash (TPU Pallas kernel) | splash_interpret (CPU tests)
   attention_q_chunk: int = 1024  # query rows per attention block (0: one block, O(L^2) memory)
