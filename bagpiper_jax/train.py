@@ -107,7 +107,6 @@ def main(argv):
       prepare_demo_data(config, workdir)
     train_and_evaluate(config, workdir)
   except (RunError, NonFiniteError, ckpt_lib.CheckpointError) as e:
-    logging.error("%s", e)
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 
