@@ -139,7 +139,7 @@ def _g(x: float) -> str:
 
 def main(argv):
   del argv
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark, whatever else the host has
   config = bench_config(_PRESET.value, _REMAT.value)
   cfg = ModelConfig.from_dict(config.model)
   rows, seq = int(config.data.per_device_batch), int(config.data.seq_len)
