@@ -2,7 +2,7 @@
 
 Shared by the offline data tool (records), the training input path (templating) and generation.
 
-The encoder (SPEC.md) consumes 128-bin log-mel at 16 kHz with a 10 ms hop, exactly as
+The encoder (docs/model.md#audio-encoder-frozen, docs/data.md#log-mel) consumes 128-bin log-mel at 16 kHz with a 10 ms hop, exactly as
 `transformers.WhisperFeatureExtractor(feature_size=128)` computes it: periodic Hann window of 400,
 centred STFT with reflect padding, power spectrum, Slaney mel filters 0..8 kHz, log10 floored at
 1e-10, clamp to (max - 8), then (x + 4) / 4. The last STFT frame is dropped, so T = n_samples // 160.

@@ -5,7 +5,7 @@ One packed batch (numpy on the host, jax.Array on device) is a dict:
   input_ids        int32   [B, L, S]   S = 8 streams. Text/special rows: id in stream 0, 0 elsewhere.
                                        Codec rows: one codec id per stream (delay-interleaved).
                                        Continuous-audio rows: all 0 (overwritten by the adapter).
-  loss_weights     float32 [B, L, S]   weight of predicting cell (t, s) from row t-1 (SPEC.md: 1.0 for
+  loss_weights     float32 [B, L, S]   weight of predicting cell (t, s) from row t-1 (docs/model.md#loss: 1.0 for
                                        stream-0 text/special targets, 0.125 per codec cell).
   segment_ids      int32   [B, L]      document id within the row, 1..; 0 = padding.
   positions        int32   [B, L]      RoPE position, restarting at 0 for every document.

@@ -19,7 +19,7 @@ from bagpiper_jax.model.config import ModelConfig
 
 STAGES = ("warmup", "pretrain", "sft")
 
-# SPEC.md sampling factors per pretraining subset.
+# Sampling factors per pretraining subset (docs/data.md#pretraining-data).
 PRETRAIN_MIXTURE = {
     "music_und": 3.15,
     "sound_und": 3.17,
@@ -69,12 +69,12 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.data.packing_bins = 32  # best-fit bins per packing round (>= 98% fill on the pretraining mix)
   c.data.read_threads = 8  # threads reading + templating records (hides remote read latency)
   c.data.read_buffer = 64  # templated documents in flight (audio ones hold ~0.5 MB of mel each)
-  c.data.mixture_weighting = "factor"  # factor: share = weight x records (SPEC.md); proportion: = weight
+  c.data.mixture_weighting = "factor"  # factor: share = weight x records (docs/data.md); proportion: = weight
   c.data.demo = False  # True: generate and use the shipped synthetic demo data
   c.data.demo_dir = ""  # where demo shards are generated ("" = demo_data next to the workdir)
   c.data.synthetic = False  # True: in-memory synthetic batches (bagpiper_jax/synthetic.py), no files
 
-  # Optimiser (SPEC.md stage recipes).
+  # Optimiser (docs/training.md stage recipes).
   c.optim = ml_collections.ConfigDict()
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95

@@ -7,7 +7,7 @@ train step splits the param tree into a trainable and a frozen part (`split`) an
 only ever sees the trainable part, so frozen weights stay bit-identical by construction. The
 audio encoder is always frozen, whatever the config says (`ALWAYS_FROZEN`).
 
-AdamW (SPEC.md): b1 0.9, b2 0.95, eps 1e-8, decoupled weight decay 3e-7 on matrices only (never on
+AdamW (docs/training.md): b1 0.9, b2 0.95, eps 1e-8, decoupled weight decay 3e-7 on matrices only (never on
 norm scales or biases), global-norm clip 1.0, fp32 moments. Schedule: linear warmup from 0, then
 cosine to `min_lr_ratio * lr` at `train_steps` (or constant). `freeze_text_embedding_rows` (warmup
 option) zeroes the gradient AND the update of embedding rows [num_specials, codec_start), so the

@@ -1,6 +1,6 @@
 """Text tokenisers behind one small interface.
 
-`Tokenizer.encode` returns RAW tokenizer ids. The unified vocabulary (SPEC.md) puts text ids at
+`Tokenizer.encode` returns RAW tokenizer ids. The unified vocabulary (docs/model.md#vocabulary) puts text ids at
 +256 (after the specials); that shift is the record writer's job (`UNIFIED_TEXT_OFFSET`), so one
 tokenizer file serves both this code and any PyTorch-side tooling unchanged.
 

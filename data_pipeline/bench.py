@@ -3,7 +3,7 @@ r"""Input-pipeline throughput: synthetic ArrayRecord shards -> template -> pack 
   python -m data_pipeline.bench                       # 8B vocab, seq_len 8192, 32 windows
   python -m data_pipeline.bench --num_workers=2 --seconds=30
 
-Writes one source per SPEC.md pretraining subset (config_lib.PRETRAIN_MIXTURE weights, equal
+Writes one source per pretraining subset (docs/data.md#pretraining-data) (config_lib.PRETRAIN_MIXTURE weights, equal
 record counts, so the document mix follows the sampling factors) into a temporary directory:
   *_und: user audio (log-mel [128, T], T ~ U[500, 3000] frames = 5..30 s) -> assistant caption
   *_gen: user caption -> assistant X-Codec codes [T, 8], T ~ U[250, 1500] frames (5..30 s)

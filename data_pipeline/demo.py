@@ -537,7 +537,7 @@ def ensure_demo_shards(out_dir: str, *, num_clips: int = DEFAULT_NUM_CLIPS, seed
 def demo_sources(shard_root: str, stage: str = "pretrain") -> tuple[dict[str, Any], dict[str, Any]]:
   """(train_sources, eval_sources) for config.data from ensure_demo_shards' output.
 
-  pretrain / warmup: every pretraining subset that has records, weighted by the SPEC.md sampling
+  pretrain / warmup: every pretraining subset that has records, weighted by the sampling
   factors (config_lib.PRETRAIN_MIXTURE); sft: {"sft": 1.0}. Paths are source directories.
   """
   out = []

@@ -1,4 +1,4 @@
-"""The decoder and multi-stream head against executable references (transformers Qwen3, the SPEC loss)."""
+"""The decoder and multi-stream head against executable references (transformers Qwen3, the loss of docs/model.md#loss)."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def test_splash_attention_kernel_equals_xla_attention():
 
 
 def _mixed_batch(cfg: ModelConfig):
-  """One row per SPEC: text rows, a continuous-audio span, a delayed codec span; then a 2nd document."""
+  """One row per docs/data.md#sequence-format: text rows, a continuous-audio span, a delayed codec span; then a 2nd document."""
   enc = cfg.audio_encoder
   rows, weights, audio_rows = [], [], []
   text = lambda i, w=0.0: (rows.append([i] + [0] * 7), weights.append([w] + [0.0] * 7), audio_rows.append(-1))
@@ -168,7 +168,7 @@ def _mixed_batch(cfg: ModelConfig):
 
 
 def _reference_loss(logits, batch, cfg):
-  """SPEC.md loss from full logits, in float64 numpy."""
+  """The loss of docs/model.md#loss from full logits, in float64 numpy."""
   logits = np.asarray(logits, np.float64)[0]
   ids, w, seg = batch["input_ids"][0], batch["loss_weights"][0], batch["segment_ids"][0]
   total, count = 0.0, 0

@@ -81,7 +81,7 @@ def test_weight_decay_mask_skips_norms_and_biases():
 
 
 def test_adamw_hyperparameters_match_spec():
-  """One update on a toy tree equals optax.adamw with the SPEC numbers (+ clip), masked decay."""
+  """One update on a toy tree equals optax.adamw with the reference numbers (docs/training.md) (+ clip), masked decay."""
   c = tiny_train_config()
   c.optim.schedule, c.optim.warmup_steps = "constant", 0
   params = {"w": {"kernel": np.full((3,), 2.0, np.float32)}, "n": {"scale": np.ones((3,), np.float32)}}

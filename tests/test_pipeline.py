@@ -1,6 +1,6 @@
 """Grain pipeline: ArrayRecord -> template -> best-fit packing -> batches (bagpiper_jax/batch.py).
 
-Expected matrices come from `ref_doc`, a deliberately naive cell-by-cell builder of the SPEC.md
+Expected matrices come from `ref_doc`, a deliberately naive cell-by-cell builder of the docs/data.md
 format (independent of template.py's vectorised code).
 """
 

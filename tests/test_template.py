@@ -1,4 +1,4 @@
-"""Templating of one record into the SPEC.md sequence format, checked against hand-built matrices."""
+"""Templating of one record into the sequence format (docs/data.md#sequence-format), checked against hand-built matrices."""
 
 from __future__ import annotations
 

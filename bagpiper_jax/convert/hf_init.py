@@ -3,7 +3,7 @@
     python -m bagpiper_jax.convert.hf_init --config=configs/bagpiper_8b.py \
         --qwen3=/ckpt/Qwen3-8B-Base --audio_tower=/ckpt/Qwen3-Omni-30B-A3B-Instruct --out=/ckpt/bagpiper-init
 
-What each param becomes (SPEC.md vocabulary layout; ids are unified-vocabulary rows):
+What each param becomes (docs/model.md#vocabulary; ids are unified-vocabulary rows):
   embed_tokens   rows [256, 256 + text_vocab) = Qwen3 embed_tokens rows [0, text_vocab);
                  the 256 special rows and the 8 x 1025 codec rows ~ N(0, init_std)
   lm_head        the same split over its vocab axis (Qwen3 lm_head.weight, or its embeddings when

@@ -1,6 +1,6 @@
 """Release format <-> Orbax params, streaming (one tensor or layer slice in memory at a time).
 
-Release layout (SPEC.md; what ESPnet's vLLM fork loads):
+Release layout (docs/release.md; what ESPnet's vLLM fork loads):
 
     <out>/model-0000i-of-0000n.safetensors   shards of at most --max_shard_size (5 GB), ESPnet names
     <out>/model.safetensors.index.json       {"metadata": {"total_size"}, "weight_map": {name: shard}}

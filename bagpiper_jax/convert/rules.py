@@ -59,7 +59,7 @@ AUDIO_TOWER_PREFIX = "multimodal_io_dict.continuous_audio.model.audio_tower."
 
 
 def bagpiper_rules(cfg: ModelConfig, *, with_audio_tower: bool = True) -> list[TensorRule]:
-  """Every tensor of the release layout (SPEC.md), codec excluded."""
+  """Every tensor of the release layout (docs/release.md), codec excluded."""
   rules = decoder_rules(cfg) + bagpiper_io_rules(cfg)
   if with_audio_tower:
     rules += audio_tower.audio_tower_rules(cfg.audio_encoder, prefix=AUDIO_TOWER_PREFIX,

@@ -16,7 +16,7 @@ Train (`make_train_iterator`), per source in config.data.train_sources:
 Eval (`make_eval_iterator`): the sources of config.data.eval_sources concatenated in sorted name
 order, each in record order, host-sharded the same way, no shuffle, no mixing weights, finite.
 
-Mixture weights are SPEC.md *sampling factors* by default (config.data.mixture_weighting =
+Mixture weights are *sampling factors* (docs/data.md#pretraining-data) by default (config.data.mixture_weighting =
 "factor"): a source's share of the documents is weight x its record count, so weight 3.15 means
 "sample each music_und record 3.15 times as often as a weight-1 record". Set "proportion" to make
 the weights the documents' shares directly.
@@ -219,7 +219,7 @@ def _read_options(config) -> grain.ReadOptions:
 
 def _check_template(config) -> None:
   t = config.data.template
-  if t not in TEMPLATES:  # both use the SPEC.md format; the record decides the messages.
+  if t not in TEMPLATES:  # both use the docs/data.md format; the record decides the messages.
     raise ValueError(f"config.data.template {t!r} not in {TEMPLATES}")
 
 

@@ -1,4 +1,4 @@
-"""One decoded record -> the per-example arrays that the packer concatenates (SPEC.md sequence format).
+"""One decoded record -> the per-example arrays that the packer concatenates (docs/data.md#sequence-format).
 
 Layout of one example (L rows, S = num_streams = 8):
 
@@ -102,7 +102,7 @@ def template_example(example: Mapping[str, Any], cfg: mc.ModelConfig, *,
     ids[r, 0] = mc.ROLE_IDS[role]
     ids[r + 1, 0] = mc.MODALITY_IDS[m["modality"]]
     if trained:
-      weights[r:r + 2, 0] = 1.0  # the role and modality rows are targets too (SPEC.md)
+      weights[r:r + 2, 0] = 1.0  # the role and modality rows are targets too (docs/model.md#loss)
     r += 2
     n = _content_rows(m, cfg)
     if "text_ids" in m:

@@ -1,5 +1,5 @@
 """Qwen3-Omni audio tower ("AuT") in Flax Linen, numerically equal to transformers'
-`Qwen3OmniMoeAudioEncoder` (the executable reference, SPEC.md).
+`Qwen3OmniMoeAudioEncoder` (the executable reference, docs/model.md#audio-encoder-frozen).
 
 Layout. The reference takes a ragged batch (concatenated mel + lengths) and builds everything
 dynamically; under jit we need fixed shapes, so the host cuts each audio into *windows* of

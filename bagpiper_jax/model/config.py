@@ -1,7 +1,7 @@
 """Model hyper-parameters as frozen dataclasses (hashable, so Linen modules can hold them).
 
 Configs in `configs/` are ml_collections dicts; `ModelConfig.from_dict(cfg.model)` turns the
-`model` field into this. The unified vocabulary layout (SPEC.md) is derived, never stored twice:
+`model` field into this. The unified vocabulary layout (docs/model.md#vocabulary) is derived, never stored twice:
 
     [0, num_specials)                         special tokens (<|pad|>=0, <|bos|>=1, ...)
     [num_specials, codec_start)               text ids, shifted by +num_specials
@@ -133,7 +133,7 @@ class ModelConfig:
     return dataclasses.asdict(self)
 
 
-# Special token ids (SPEC.md).
+# Special token ids (docs/model.md#vocabulary).
 PAD, BOS, EOS, EOT = 0, 1, 2, 3
 SYSTEM, USER, ASSISTANT = 4, 5, 6
 TEXT, AUDIO, IMAGE, VIDEO, TOOLCALL = 7, 8, 9, 10, 11
