@@ -3,7 +3,12 @@
 `XCodec(local_dir)` wraps `transformers.XcodecModel` loaded from a LOCAL directory (the real
 codec once downloaded by hand, or the tiny random model of `build_tiny_xcodec` in tests and the
 demo): `encode(wav)` for the offline data tool (data_pipeline/codes.py), `decode(codes)` for
-generation (codes -> waveform). Every code array passes `check_codes`, so a wrong layout ([8, T]),
+generation (codes -> waveform).
+
+Framing (docs/model.md#output-codec-frozen-offline): a clip of n samples has floor(n / 320) frames.
+The reference trims the waveform to floor(n / 320) * 320 samples before encoding; X-Codec pads 160
+samples on each side internally, so the untrimmed clip would get one extra frame for most remainders
+(and the shared frames' codes change too). `encode` trims exactly like the reference. Every code array passes `check_codes`, so a wrong layout ([8, T]),
 a 4-codebook model or an out-of-range id fails here rather than as garbage ids at training time.
 
 torch and transformers are imported lazily: they are the optional PyTorch peer (extra `torch`),
@@ -21,6 +26,7 @@ NUM_CODEBOOKS = 8
 CODEBOOK_SIZE = 1024
 FRAME_RATE = 50  # 16 kHz / hop 320
 SAMPLE_RATE = 16_000
+HOP_LENGTH = SAMPLE_RATE // FRAME_RATE  # 320 samples per codec frame
 
 
 class CodecError(ValueError):
@@ -38,6 +44,17 @@ def check_codes(codes: np.ndarray, where: str) -> np.ndarray:
   if lo < 0 or hi >= CODEBOOK_SIZE:
     raise CodecError(f"{where}: codes must lie in [0, {CODEBOOK_SIZE}), got range [{lo}, {hi}]")
   return codes.astype(np.int16)
+
+
+def num_frames(num_samples: int) -> int:
+  """Codec frames of a clip of `num_samples` at 16 kHz: floor(n / 320) (the reference's framing)."""
+  return int(num_samples) // HOP_LENGTH
+
+
+def trim_to_frames(wav: np.ndarray) -> np.ndarray:
+  """The first floor(n / 320) * 320 samples: what the reference encodes."""
+  return wav[: num_frames(wav.shape[-1]) * HOP_LENGTH]
+
 
 class XCodec:
   """`transformers.XcodecModel.from_pretrained(local_dir)` at its full bandwidth (8 codebooks)."""
@@ -67,15 +84,22 @@ class XCodec:
                            if self.model.quantizer.get_num_quantizers_for_bandwidth(b) == NUM_CODEBOOKS)
 
   def encode(self, wav_16k: np.ndarray) -> np.ndarray:
-    """Mono 16 kHz waveform -> int16 codes [T, 8]."""
+    """Mono 16 kHz waveform of n samples -> int16 codes [n // 320, 8] (trimmed as the reference)."""
     torch = self._torch
     wav = np.asarray(wav_16k, dtype=np.float32)
     if wav.ndim != 1:
       raise CodecError(f"xcodec expects a mono 1-D waveform, got shape {wav.shape}")
-    x = torch.from_numpy(wav).to(self.device)[None, None, :]
+    frames = num_frames(wav.shape[0])
+    if frames == 0:
+      raise CodecError(f"xcodec: {wav.shape[0]} samples is shorter than one codec frame ({HOP_LENGTH})")
+    x = torch.from_numpy(np.ascontiguousarray(trim_to_frames(wav))).to(self.device)[None, None, :]
     with torch.inference_mode():
       codes = self.model.encode(x, bandwidth=self._bandwidth, return_dict=False)  # [1, 8, T]
-    return check_codes(codes[0].T.cpu().numpy(), "xcodec output")
+    codes = check_codes(codes[0].T.cpu().numpy(), "xcodec output")
+    if codes.shape[0] != frames:
+      raise CodecError(f"xcodec gave {codes.shape[0]} frames for {frames * HOP_LENGTH} samples; expected "
+                       f"{frames} ({HOP_LENGTH} samples per frame)")
+    return codes
 
   def decode(self, codes: np.ndarray) -> np.ndarray:
     """int codes [T, 8] -> mono float32 waveform at 16 kHz."""
