@@ -245,22 +245,25 @@ def resolve_params_dir(path: str, step: int | None = None) -> str:
   return ref.params_dir
 
 
+def read_run_config(path: str) -> dict | None:
+  """The training run's config (a checkpoint's `config` item, as JSON), or None for a params dir."""
+  fn = os.path.join(os.path.dirname(resolve_params_dir(path)), "config", "metadata")
+  if not os.path.isfile(fn):
+    return None
+  with open(fn) as f:
+    return json.load(f)
+
+
 def read_model_config(path: str) -> ModelConfig | None:
   """The ModelConfig stored next to the params (model_config.json, or a training checkpoint's
   `config` item), or None if there is none."""
-  item = resolve_params_dir(path)
-  step_dir = os.path.dirname(item)
-  candidates = [(os.path.join(step_dir, MODEL_CONFIG_FILE), None),
-                (os.path.join(step_dir, "config", "metadata"), "model")]
-  for fn, key in candidates:
-    if os.path.isfile(fn):
-      with open(fn) as f:
-        d = json.load(f)
-      if key is not None:
-        if key not in d:
-          continue
-        d = d[key]
-      return ModelConfig.from_dict(d)
+  fn = os.path.join(os.path.dirname(resolve_params_dir(path)), MODEL_CONFIG_FILE)
+  if os.path.isfile(fn):
+    with open(fn) as f:
+      return ModelConfig.from_dict(json.load(f))
+  run = read_run_config(path)
+  if run is not None and "model" in run:
+    return ModelConfig.from_dict(run["model"])
   return None
 
 
