@@ -136,8 +136,11 @@ def unified_tokenizer_json(base: Mapping[str, Any], cfg: ModelConfig, where: str
   if clash:
     raise AssetError(f"{where}: the base tokenizer already has tokens named like Bagpiper's reserved/codec "
                      f"tokens: {clash[:5]}")
+  # Every added token is in model.vocab too, at its id: `tokenizers` resolves an added token's id
+  # through the model vocabulary (one absent from it would be given a fresh id past the vocabulary).
   vocab = {name: i for i, name in enumerate(reserved)}
   vocab.update({tok: int(i) + off for tok, i in model["vocab"].items()})
+  vocab.update({t["content"]: int(t["id"]) + off for t in base_added})
   vocab.update({name: cfg.codec_start + i for i, name in enumerate(codec)})
   out = dict(base)
   out["model"] = dict(model, vocab=vocab)
