@@ -69,16 +69,27 @@ class XCodec:
     if num_threads:
       torch.set_num_threads(num_threads)
     _quiet_transformers()
+    self._setup(XcodecModel.from_pretrained(local_dir, local_files_only=True), local_dir, device)
+
+  @classmethod
+  def from_model(cls, model, *, where: str, device: str = "cpu") -> "XCodec":
+    """Wraps an already built `transformers.XcodecModel` (e.g. rebuilt from a release's tensors)."""
+    self = cls.__new__(cls)
+    self._setup(model, where, device)
+    return self
+
+  def _setup(self, model, where: str, device: str) -> None:
+    import torch  # pylint: disable=g-import-not-at-top  (optional PyTorch peer)
     self._torch = torch
-    self.local_dir = local_dir
+    self.local_dir = where
     self.device = device
-    self.model = XcodecModel.from_pretrained(local_dir, local_files_only=True).eval().to(device)
+    self.model = model.eval().to(device)
     cfg = self.model.config
     if cfg.sample_rate != SAMPLE_RATE or cfg.frame_rate != FRAME_RATE:
-      raise ValueError(f"{local_dir}: codec runs at {cfg.sample_rate} Hz / {cfg.frame_rate} Hz frames; "
+      raise ValueError(f"{where}: codec runs at {cfg.sample_rate} Hz / {cfg.frame_rate} Hz frames; "
                        f"Bagpiper needs {SAMPLE_RATE} Hz / {FRAME_RATE} Hz")
     if cfg.num_quantizers < NUM_CODEBOOKS or cfg.codebook_size != CODEBOOK_SIZE:
-      raise ValueError(f"{local_dir}: codec has {cfg.num_quantizers} codebooks of {cfg.codebook_size}; "
+      raise ValueError(f"{where}: codec has {cfg.num_quantizers} codebooks of {cfg.codebook_size}; "
                        f"Bagpiper needs {NUM_CODEBOOKS} of {CODEBOOK_SIZE}")
     self._bandwidth = next(b for b in cfg.target_bandwidths
                            if self.model.quantizer.get_num_quantizers_for_bandwidth(b) == NUM_CODEBOOKS)

@@ -46,12 +46,13 @@ import shutil
 import tempfile
 from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
 from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from bagpiper_jax import backends, paths
+from bagpiper_jax import backends, codec as codec_lib, paths
 from bagpiper_jax.convert import cli_util, params_io, release_assets, rules as rules_lib, safetensors_io
 from bagpiper_jax.convert import streaming, torch_pt, vllm_config
 from bagpiper_jax.model.config import ModelConfig
@@ -324,6 +325,26 @@ def import_release(src: str, out_dir: str, *, cfg: ModelConfig | None = None, dt
   item = params_io.save_params(out_dir, tree, cfg)
   return {"tensors": len(tensor_rules), "skipped_tensors": n_skipped, "vocab_weight_checked": has_vw,
           "params": item}
+
+
+def codec_from_release(release_dir: str, *, device: str = "cpu") -> codec_lib.XCodec:
+  """The release's X-Codec (codec_config.json + its `codec_model.*` tensors) as a codec.XCodec, e.g. to
+  decode generated codes with exactly the codec the model was trained with."""
+  import torch  # pylint: disable=g-import-not-at-top  (optional PyTorch peer: only to build the codec)
+  from transformers import XcodecConfig, XcodecModel  # pylint: disable=g-import-not-at-top  (same)
+  cfg_path = os.path.join(release_dir, release_assets.CODEC_CONFIG)
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f"{release_dir}: no {release_assets.CODEC_CONFIG} (a release exported with --no_codec?)")
+  model = XcodecModel(XcodecConfig.from_json_file(cfg_path))
+  src = _open_tensor_source(release_dir)
+
+  def to_torch(x):
+    if x.dtype == np.dtype(ml_dtypes.bfloat16):  # numpy has no bfloat16 torch.from_numpy understands
+      return torch.from_numpy(x.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
+  state = {k[len(CODEC_PREFIX):]: to_torch(src.get(k)) for k in src.keys() if k.startswith(CODEC_PREFIX)}
+  model.load_state_dict(state, strict=True)
+  return codec_lib.XCodec.from_model(model, where=release_dir, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
