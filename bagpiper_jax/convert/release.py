@@ -197,7 +197,7 @@ def write_release(source, cfg: ModelConfig, out_dir: str, assets: release_assets
   files = sorted(set(index["weight_map"].values())) + [safetensors_io.INDEX_NAME, ESPNET_BUFFERS]
 
   dtype_name = str(out_dtype) if out_dtype is not None else "mixed"
-  data = {"text_id0_as_pad": assets.text_id0_as_pad, **assets.describe(), **dict(provenance or {})}
+  data = {"text_id0_as_pad": assets.text_id0_as_pad, **assets.describe()}  # what made the data (not the step)
   with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
     json.dump(vllm_config.release_config(cfg, torch_dtype=dtype_name, xcodec_hf_model_tag=xcodec_hf_model_tag,
                                          data=data), f, indent=2)
@@ -242,14 +242,15 @@ def release_settings(run_config: Mapping[str, Any] | None) -> dict:
 
 
 def export_release(ckpt: str, out_dir: str, *, step: int | None = None, cfg: ModelConfig | None = None,
-                   dtype: str = "bfloat16", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                   dtype: str | None = None, max_shard_bytes: int | None = None,
                    espnet_pt: str | None = None, codec: str | None = None, tokenizer: str | None = None,
                    with_codec: bool = True, with_tokenizer: bool = True,
                    xcodec_hf_model_tag: str | None = None) -> dict:
   """Orbax params (a workdir, its checkpoints/, one step, or a params dir) -> release directory.
 
-  Tokenizer and codec: the arguments, else the run's `release` config section, else the run's data
-  indexes (release_assets.resolve_assets). Returns a summary dict (also written as release.json).
+  Tokenizer, codec, dtype, shard size, xcodec tag: the arguments, else the run's `release` config
+  section (what its own releases use), else the run's data indexes (tokenizer, codec) and the
+  defaults (bfloat16, 5 GB). Returns a summary dict (also written as release.json).
   """
   ref = paths.find_checkpoint(ckpt, step)
   reader = params_io.ParamsReader(ref.params_dir)
@@ -266,6 +267,10 @@ def export_release(ckpt: str, out_dir: str, *, step: int | None = None, cfg: Mod
       run_config, tokenizer=tokenizer or settings.get("tokenizer") or None,
       codec=codec or settings.get("codec") or None, with_tokenizer=with_tokenizer, with_codec=with_codec)
   tag = xcodec_hf_model_tag or settings.get("xcodec_hf_model_tag") or vllm_config.DEFAULT_XCODEC_TAG
+  dtype = dtype or settings.get("dtype") or "bfloat16"
+  if max_shard_bytes is None:
+    max_shard_bytes = (cli_util.parse_size(settings["max_shard_size"]) if settings.get("max_shard_size")
+                       else DEFAULT_MAX_SHARD_BYTES)
   provenance = {"step": ref.step, "checkpoint": ref.step_dir}
   kw = dict(dtype=dtype, max_shard_bytes=max_shard_bytes, espnet_pt=espnet_pt, xcodec_hf_model_tag=tag,
             provenance=provenance)
@@ -357,9 +362,10 @@ def _define_flags():
   flags.DEFINE_integer("step", None, "export: which checkpoint step (default: the latest finished one)")
   flags.DEFINE_string("src", None, "import: release directory, .safetensors file, or ESPnet .pt")
   flags.DEFINE_string("out", None, "export: release directory (local or gs://); import: Orbax output directory")
-  flags.DEFINE_string("dtype", None, "export: bfloat16 (default) | float32 | keep; import: config (default, "
-                      "the model's param_dtype) | float32 | bfloat16")
-  flags.DEFINE_string("max_shard_size", "5GB", "export: largest safetensors shard")
+  flags.DEFINE_string("dtype", None, "export: bfloat16 (default, or the run's config.release.dtype) | float32 | "
+                      "keep; import: config (default, the model's param_dtype) | float32 | bfloat16")
+  flags.DEFINE_string("max_shard_size", None, "export: largest safetensors shard (default 5GB, or the run's "
+                      "config.release.max_shard_size)")
   flags.DEFINE_string("espnet_pt", None, "export: also write an ESPnet {'module': state_dict} .pt here")
   flags.DEFINE_list("skip_prefixes", [], "import: tensor name prefixes to skip (counted) besides X-Codec")
   flags.DEFINE_string("codec", None, "export: XcodecModel directory to ship (default: the codec recorded in "
@@ -391,8 +397,9 @@ def main(argv):
       ref = paths.find_checkpoint(paths.resolve(FLAGS.ckpt), FLAGS.step)
       print(f"[release export] {'step ' + str(ref.step) + ' of ' if ref.step is not None else ''}{ref.step_dir}",
             flush=True)
-      summary = export_release(ref.step_dir, out, cfg=cfg, dtype=FLAGS.dtype or "bfloat16",
-                               max_shard_bytes=cli_util.parse_size(FLAGS.max_shard_size),
+      summary = export_release(ref.step_dir, out, cfg=cfg, dtype=FLAGS.dtype,
+                               max_shard_bytes=cli_util.parse_size(FLAGS.max_shard_size) if FLAGS.max_shard_size
+                               else None,
                                espnet_pt=paths.resolve(FLAGS.espnet_pt), codec=paths.resolve(FLAGS.codec),
                                tokenizer=paths.resolve(FLAGS.tokenizer), with_codec=not FLAGS.no_codec,
                                with_tokenizer=not FLAGS.no_tokenizer,
