@@ -8,8 +8,11 @@ generation (codes -> waveform).
 Framing (docs/model.md#output-codec-frozen-offline): a clip of n samples has floor(n / 320) frames.
 The reference trims the waveform to floor(n / 320) * 320 samples before encoding; X-Codec pads 160
 samples on each side internally, so the untrimmed clip would get one extra frame for most remainders
-(and the shared frames' codes change too). `encode` trims exactly like the reference. Every code array passes `check_codes`, so a wrong layout ([8, T]),
-a 4-codebook model or an out-of-range id fails here rather than as garbage ids at training time.
+(and the shared frames' codes change too). `encode` trims exactly like the reference.
+
+Every code array passes `check_codes`, so a wrong layout ([8, T]), a 4-codebook model or an
+out-of-range id fails here rather than as garbage ids at training time. `XCodec.from_model` wraps a
+model built elsewhere (convert/release.py `codec_from_release`: the codec shipped in a release).
 
 torch and transformers are imported lazily: they are the optional PyTorch peer (extra `torch`),
 and the training path never needs them.

@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+import types
 
 import jax
 import ml_dtypes
@@ -15,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from bagpiper_jax import audio  # noqa: E402
+from bagpiper_jax import audio, checkpoint, config_lib  # noqa: E402
 from bagpiper_jax.convert import params_io, release, rules, safetensors_io, streaming, vllm_config  # noqa: E402
 from bagpiper_jax.model import Bagpiper  # noqa: E402
 from bagpiper_jax.model import audio_encoder as ae  # noqa: E402
@@ -230,7 +233,8 @@ def test_codec_tensors_pass_through_export(tmp_path):
                              with_tokenizer=False)
   assert s["codec_tensors"] == 1
   st = _load_release(tmp_path / "rel")
-  np.testing.assert_array_equal(st[release.CODEC_PREFIX + "encoder.conv.weight"].numpy(), codec["encoder.conv.weight"])
+  np.testing.assert_array_equal(st[release.CODEC_PREFIX + "encoder.conv.weight"].numpy(),
+                                codec["encoder.conv.weight"])
   assert json.loads((tmp_path / "rel" / "codec_config.json").read_text()) == {"model_type": "xcodec"}
   assert release.import_release(str(tmp_path / "rel"), str(tmp_path / "b"))["skipped_tensors"] == 1
   # No codec known and none given: one clear error naming the flags, nothing written.
@@ -297,8 +301,6 @@ def test_bad_release_input_lists_offending_keys(tmp_path):
 def test_training_checkpoint_exports_and_init_from_loads_the_import(tmp_path):
   """The train loop's checkpoints export (model config from their `config` item), and what import
   writes is what the train loop's `config.init_from` (bagpiper_jax.checkpoint.load_params) restores."""
-  import types  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax import checkpoint, config_lib  # pylint: disable=g-import-not-at-top
   cfg = tiny_model_config()
   conf = config_lib.base_config("pretrain")
   conf.model = config_lib.model_config(**cfg.to_dict())
@@ -313,3 +315,39 @@ def test_training_checkpoint_exports_and_init_from_loads_the_import(tmp_path):
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), params)
   _assert_trees_bit_equal(params, checkpoint.load_params(str(tmp_path / "init"), abstract))
+
+
+def _cli(*args):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=repo, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_cli_names_the_step_and_bad_paths_in_one_line(tmp_path):
+  cfg = tiny_model_config()
+  conf = config_lib.base_config("pretrain")
+  conf.model = config_lib.model_config(**cfg.to_dict())
+  state = types.SimpleNamespace(params=random_params(cfg, seed=4), step=np.int32(7), opt_state={},
+                                nonfinite={"count": np.int32(0)})
+  ckptr = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"), conf, async_save=False)
+  assert ckptr.save(7, state, None, force=True)
+  ckptr.close()
+  # A workdir is enough: the latest finished step is found and named.
+  r = _cli("bagpiper_jax.convert.release", "export", f"--ckpt={tmp_path / 'run'}", f"--out={tmp_path / 'rel'}",
+           "--no_codec", "--no_tokenizer")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"[release export] step 7 of {tmp_path / 'run' / 'checkpoints' / '7'}" in r.stdout
+  assert json.loads((tmp_path / "rel" / "release.json").read_text())["step"] == 7
+  # Bad input: one line on stderr naming it, exit 1, no traceback.
+  for args, what in [(("bagpiper_jax.convert.release", "export", f"--ckpt={tmp_path / 'nope'}",
+                       f"--out={tmp_path / 'r2'}"), "nope: no such file or directory"),
+                     (("bagpiper_jax.convert.release", "export", f"--ckpt={tmp_path / 'run'}", "--step=3",
+                       f"--out={tmp_path / 'r3'}"), "no finished step 3 (finished: [7])"),
+                     (("bagpiper_jax.convert.release", "export", f"--ckpt={tmp_path / 'run'}",
+                       f"--out={tmp_path / 'r4'}"), "cannot tell which tokenizer made the data"),
+                     (("bagpiper_jax.convert.hf_init", "--config=configs/tiny.py", f"--qwen3={tmp_path / 'q'}",
+                       "--random_audio_tower", f"--out={tmp_path / 'i'}"), "--qwen3 " + str(tmp_path / "q"))]:
+    r = _cli(*args)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr[-3000:])
+    err = [line for line in r.stderr.splitlines() if "ERROR" in line]
+    assert len(err) == 1 and what in err[0], (what, r.stderr[-2000:])

@@ -152,7 +152,8 @@ def test_index_records_provenance_and_assets_resolve(data_dir):
   index = json.loads((d / "shards" / "index.json").read_text())
   prov = index["provenance"]
   assert prov["tokenizer"]["path"] == tok and prov["codec"] == {
-      "kind": "xcodec", "dir": xc, "sha256": {n: prov["codec"]["sha256"][n] for n in ("config.json", "model.safetensors")}}
+      "kind": "xcodec", "dir": xc,
+      "sha256": {n: prov["codec"]["sha256"][n] for n in ("config.json", "model.safetensors")}}
   assert prov["text_id0_as_pad"] is True and index["settings"]["text_id0_as_pad"] is True
   run = {"data": {"train_sources": {"sound_und": {"path": str(d / "shards" / "sound_und" / "*.array_record"),
                                                   "weight": 1.0}},
@@ -186,10 +187,11 @@ def test_assets_refuse_npy_codes_sentencepiece_disagreement_and_changed_codec(da
   with pytest.raises(release_assets.AssetError, match="a SentencePiece model; a release ships a Hugging Face"):
     release_assets.resolve_assets(spm, with_codec=False)
   other = run_with(dict(index["provenance"], codec=dict(index["provenance"]["codec"], dir=str(tmp_path))), "other")
-  both = {"data": {"train_sources": {**npy["data"]["train_sources"], **{"b": other["data"]["train_sources"]["src"]}}}}
-  both["data"]["train_sources"]["a"] = run_with(index["provenance"], "same")["data"]["train_sources"]["src"]
+  same = run_with(index["provenance"], "same")["data"]["train_sources"]["src"]
+  both = {"data": {"train_sources": {"a": same, "b": other["data"]["train_sources"]["src"]}}}
   with pytest.raises(release_assets.AssetError, match="different codecs"):
     release_assets.resolve_assets(both, with_tokenizer=False)
   changed = dict(index["provenance"]["codec"], sha256={"config.json": "0" * 64})
   with pytest.raises(release_assets.AssetError, match="the codec changed since the data was made"):
-    release_assets.resolve_assets(run_with(dict(index["provenance"], codec=changed), "changed"), with_tokenizer=False)
+    release_assets.resolve_assets(run_with(dict(index["provenance"], codec=changed), "changed"),
+                                  with_tokenizer=False)

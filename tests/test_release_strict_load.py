@@ -22,9 +22,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
+omni_cfg = pytest.importorskip("transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe")
+omni = pytest.importorskip("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe")
 
 from bagpiper_jax import codec as codec_lib  # noqa: E402
-from bagpiper_jax.convert import params_io, release, rules, safetensors_io  # noqa: E402
+from bagpiper_jax.convert import params_io, release, safetensors_io  # noqa: E402
 from conftest import tiny_model_config  # noqa: E402
 from test_convert_release import random_params  # noqa: E402
 from test_release_assets import base_tokenizer  # noqa: E402
@@ -58,8 +60,6 @@ class ReferenceBagpiper(torch.nn.Module):
 
   def __init__(self, cfg, codec_config: dict):
     super().__init__()
-    from transformers.models.qwen3_omni_moe import configuration_qwen3_omni_moe as omni_cfg  # pylint: disable=g-import-not-at-top
-    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as omni  # pylint: disable=g-import-not-at-top
     lm = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
@@ -105,7 +105,8 @@ def test_espnet_strict_load_of_pt_and_safetensors(exported):
   ref.load_state_dict(pt, strict=True)
   # The values are the Flax params (through the one rules table) and the derived vocab_weight.
   np.testing.assert_array_equal(ref.vocab_weight.numpy(), release.vocab_weight(cfg))
-  np.testing.assert_array_equal(ref.adaptor["continuous_audio"].weight.detach().numpy(), params["adapter"]["kernel"].T)
+  adaptor = ref.adaptor["continuous_audio"].weight.detach().numpy()
+  np.testing.assert_array_equal(adaptor, params["adapter"]["kernel"].T)
   assert float(ref.vocab_weight[cfg.codec_start]) == 0.125 and float(ref.vocab_weight[cfg.codec_start - 1]) == 1.0
   # The release's safetensors: indexed shards + espnet_buffers.safetensors = the same state dict.
   with open(d / "rel" / safetensors_io.INDEX_NAME) as f:

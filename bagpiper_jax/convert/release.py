@@ -204,7 +204,8 @@ def write_release(source, cfg: ModelConfig, out_dir: str, assets: release_assets
     f.write("\n")
   files.append(CONFIG_NAME)
   if assets.codec_dir:
-    shutil.copyfile(os.path.join(assets.codec_dir, "config.json"), os.path.join(out_dir, release_assets.CODEC_CONFIG))
+    shutil.copyfile(os.path.join(assets.codec_dir, "config.json"),
+                    os.path.join(out_dir, release_assets.CODEC_CONFIG))
     files.append(release_assets.CODEC_CONFIG)
   if assets.tokenizer:
     files += release_assets.write_tokenizer_files(out_dir, assets.tokenizer, cfg,

@@ -135,7 +135,10 @@ class ReleaseAction(PeriodicAction):
     url = paths.is_url(self.workdir)
     stage = None
     if writer:
-      stage = tempfile.mkdtemp(prefix=f"bagpiper_release_{step}_") if url else os.path.join(str(root), f"{step}.partial")
+      if url:
+        stage = tempfile.mkdtemp(prefix=f"bagpiper_release_{step}_")
+      else:
+        stage = os.path.join(str(root), f"{step}.partial")
       if not url:
         shutil.rmtree(stage, ignore_errors=True)  # left by an interrupted run
         shutil.rmtree(str(final), ignore_errors=True)  # incomplete (no release.json)

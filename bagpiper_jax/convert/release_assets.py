@@ -42,7 +42,6 @@ from typing import Any, Mapping, Sequence
 from etils import epath
 
 from bagpiper_jax import paths
-from bagpiper_jax import tokenizer as tokenizer_lib
 from bagpiper_jax.convert import vllm_config
 from bagpiper_jax.model import config as mc
 from bagpiper_jax.model.config import ModelConfig
@@ -71,8 +70,10 @@ CHAT_TEMPLATE_TEXT = """\
 {{- raise_exception('Bagpiper message content must be a string (<|audio|> marks audio)') }}
 {%- endif %}
 {{- '<|' + message['role'] + '|>' }}
-{%- if '<|audio|>' in message['content'] %}{{ message['content'] }}{% else %}{{ '<|text|>' + message['content'] }}{% endif %}
-{%- if not loop.last and messages[loop.index0 + 1]['role'] == message['role'] %}{{ '<|eot|>' }}{% else %}{{ '<|eos|>' }}{% endif %}
+{%- if '<|audio|>' in message['content'] %}{{ message['content'] }}
+{%- else %}{{ '<|text|>' + message['content'] }}{% endif %}
+{%- if not loop.last and messages[loop.index0 + 1]['role'] == message['role'] %}{{ '<|eot|>' }}
+{%- else %}{{ '<|eos|>' }}{% endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}
 """

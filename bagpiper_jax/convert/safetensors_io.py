@@ -229,7 +229,8 @@ def write_sharded(out_dir: str, plan: Sequence[PlannedTensor], arrays: Iterable[
   return index
 
 
-def write_file(path: str, tensors: Sequence[tuple[str, np.ndarray]], metadata: Mapping[str, str] | None = None) -> None:
+def write_file(path: str, tensors: Sequence[tuple[str, np.ndarray]],
+               metadata: Mapping[str, str] | None = None) -> None:
   """One small .safetensors file holding `tensors` (written through a temporary name)."""
   arrays = [(n, np.ascontiguousarray(x)) for n, x in tensors]
   plan = [PlannedTensor(n, tuple(x.shape), x.dtype) for n, x in arrays]

@@ -142,7 +142,8 @@ def model_config_from_release(d: Mapping[str, Any]) -> ModelConfig:
     kw["num_specials"] = d["text_token_offset"]
   if "text_token_end" in d and "text_token_offset" in d:
     kw["text_vocab_size"] = d["text_token_end"] - d["text_token_offset"]
-  kw["audio_encoder"] = AudioEncoderConfig(**{ours: audio[hf] for hf, ours in HF_AUDIO_FIELDS.items() if hf in audio})
+  kw["audio_encoder"] = AudioEncoderConfig(**{ours: audio[hf] for hf, ours in HF_AUDIO_FIELDS.items()
+                                              if hf in audio})
   cfg = ModelConfig(**kw)
   for key, want in (("vocab_size", cfg.vocab_size), ("codec_base_offset", cfg.codec_start)):
     if key in d and d[key] != want:
