@@ -9,19 +9,23 @@ must produce the ids `bagpiper_jax.data.template` gives the same dialogue (the t
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import os
 
 import numpy as np
 import pytest
 import soundfile as sf
+from array_record.python import array_record_module
 
 from bagpiper_jax import codec as codec_lib
 from bagpiper_jax import tokenizer as tokenizer_lib
 from bagpiper_jax.convert import release_assets
-from bagpiper_jax.data import template
+from bagpiper_jax.data import records, template
 from bagpiper_jax.model import config as mc
 from conftest import tiny_model_config
+from data_pipeline import build, manifest, writer
 
 transformers = pytest.importorskip("transformers")
 tk = pytest.importorskip("tokenizers")
@@ -133,7 +137,6 @@ def test_tokenizer_that_does_not_fit_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """Shards written by the real data tool with a tiny HF tokenizer and the tiny X-Codec."""
-  from data_pipeline import build, writer  # pylint: disable=g-import-not-at-top  (offline tool, test only)
   d = tmp_path_factory.mktemp("data")
   tok = base_tokenizer(str(d / "tok"))
   xc = codec_lib.build_tiny_xcodec(str(d / "xcodec"), seed=0)
@@ -148,13 +151,27 @@ def data_dir(tmp_path_factory):
 
 
 def test_index_records_provenance_and_assets_resolve(data_dir):
-  d, tok, xc, _ = data_dir
+  d, tok, xc, settings = data_dir
   index = json.loads((d / "shards" / "index.json").read_text())
   prov = index["provenance"]
   assert prov["tokenizer"]["path"] == tok and prov["codec"] == {
       "kind": "xcodec", "dir": xc,
       "sha256": {n: prov["codec"]["sha256"][n] for n in ("config.json", "model.safetensors")}}
   assert prov["text_id0_as_pad"] is True and index["settings"]["text_id0_as_pad"] is True
+  # The records carry the reference's mapping: the caption's '!' (raw id 0) is <|pad|>, the rest + 256.
+  shard = glob.glob(str(d / "shards" / "sound_gen" / "*.array_record"))[0]
+  reader = array_record_module.ArrayRecordReader(shard)
+  rec = records.decode(reader.read_all()[0])
+  reader.close()
+  raw = tokenizer_lib.HFTokenizer(tok).encode("A tone!")
+  assert raw[-1] == 0
+  np.testing.assert_array_equal(rec["messages"][0]["text_ids"], tokenizer_lib.to_unified(raw))
+  assert rec["messages"][0]["text_ids"][-1] == 0
+  # The switch is part of every shard's fingerprint (a changed mapping rebuilds the shards).
+  items, _ = manifest.read_manifests([str(d / "m.jsonl")])
+  fp = lambda flag: [t.fingerprint for t in writer.plan_shards(
+      items, str(d / "x"), dataclasses.replace(settings, text_id0_as_pad=flag), 1000)]
+  assert fp(True) != fp(False)
   run = {"data": {"train_sources": {"sound_und": {"path": str(d / "shards" / "sound_und" / "*.array_record"),
                                                   "weight": 1.0}},
                   "eval_sources": {"sound_gen": {"path": str(d / "shards" / "sound_gen"), "weight": 1.0}}}}
