@@ -351,3 +351,12 @@ def test_cli_names_the_step_and_bad_paths_in_one_line(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr[-3000:])
     err = [line for line in r.stderr.splitlines() if "ERROR" in line]
     assert len(err) == 1 and what in err[0], (what, r.stderr[-2000:])
+
+
+def test_publish_copies_a_finished_release(tmp_path):
+  """The staging copy used for gs:// outputs (epath), here onto a local path."""
+  (tmp_path / "a").mkdir()
+  for n, text in (("release.json", "{}"), ("config.json", "{}"), ("model.safetensors", "x")):
+    (tmp_path / "a" / n).write_text(text)
+  release.publish(str(tmp_path / "a"), str(tmp_path / "b" / "c"))
+  assert sorted(os.listdir(tmp_path / "b" / "c")) == ["config.json", "model.safetensors", "release.json"]

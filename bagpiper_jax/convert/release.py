@@ -180,6 +180,9 @@ def write_release(source, cfg: ModelConfig, out_dir: str, assets: release_assets
       pass
     return {}
 
+  # Everything that can fail on bad input is built before the first byte is written.
+  tok_files = (release_assets.tokenizer_files(assets.tokenizer, cfg, text_id0_as_pad=assets.text_id0_as_pad)
+               if assets.tokenizer else {})
   streams = [model_stream]
   n_codec = 0
   if assets.codec_dir:
@@ -196,7 +199,8 @@ def write_release(source, cfg: ModelConfig, out_dir: str, assets: release_assets
   safetensors_io.write_file(os.path.join(out_dir, ESPNET_BUFFERS), buffers)
   files = sorted(set(index["weight_map"].values())) + [safetensors_io.INDEX_NAME, ESPNET_BUFFERS]
 
-  dtype_name = str(out_dtype) if out_dtype is not None else "mixed"
+  # torch_dtype: the export dtype; with "keep", the stored dtype (the embedding's if they differ).
+  dtype_name = str(out_dtype) if out_dtype is not None else str(plan[0].dtype)
   data = {"text_id0_as_pad": assets.text_id0_as_pad, **assets.describe()}  # what made the data (not the step)
   with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
     json.dump(vllm_config.release_config(cfg, torch_dtype=dtype_name, xcodec_hf_model_tag=xcodec_hf_model_tag,
@@ -207,9 +211,7 @@ def write_release(source, cfg: ModelConfig, out_dir: str, assets: release_assets
     shutil.copyfile(os.path.join(assets.codec_dir, "config.json"),
                     os.path.join(out_dir, release_assets.CODEC_CONFIG))
     files.append(release_assets.CODEC_CONFIG)
-  if assets.tokenizer:
-    files += release_assets.write_tokenizer_files(out_dir, assets.tokenizer, cfg,
-                                                  text_id0_as_pad=assets.text_id0_as_pad)
+  files += release_assets.write_files(out_dir, tok_files)
   files.append(release_assets.write_generation_config(out_dir))
 
   if espnet_pt:

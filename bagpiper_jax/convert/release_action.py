@@ -122,6 +122,8 @@ class ReleaseAction(PeriodicAction):
       self.assets = release_assets.resolve_assets(
           config.to_dict(), tokenizer=r.tokenizer or None, codec=r.codec or None,
           with_tokenizer=bool(r.with_tokenizer), with_codec=bool(r.with_codec))
+      if self.assets.tokenizer:  # the tokenizer must fit this model: check now, not at the first release
+        release_assets.tokenizer_files(self.assets.tokenizer, self.cfg, text_id0_as_pad=self.assets.text_id0_as_pad)
       logging.info("releases every %d steps to %s/%s: %s", self.every, workdir, RELEASES, self.assets.describe())
 
   def run(self, step: int, state) -> dict:

@@ -196,21 +196,37 @@ def _write_json(path: str, obj: Any) -> None:
     f.write("\n")
 
 
-def write_tokenizer_files(out_dir: str, base_tokenizer: str, cfg: ModelConfig, *,
-                          text_id0_as_pad: bool | None) -> list[str]:
-  """tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja. Returns names."""
+def tokenizer_files(base_tokenizer: str, cfg: ModelConfig, *, text_id0_as_pad: bool | None) -> dict[str, Any]:
+  """{file name: JSON object or text} of tokenizer.json, tokenizer_config.json, special_tokens_map.json
+  and chat_template.jinja, built (and checked against the model) before anything is written."""
   with open(base_tokenizer, encoding="utf-8") as f:
     base = json.load(f)
   tok = unified_tokenizer_json(base, cfg, base_tokenizer)
-  _write_json(os.path.join(out_dir, TOKENIZER_JSON), tok)
-  _write_json(os.path.join(out_dir, TOKENIZER_CONFIG),
-              tokenizer_config(cfg, tok, base_name=base_tokenizer, text_id0_as_pad=text_id0_as_pad))
   special = lambda s: {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-  _write_json(os.path.join(out_dir, SPECIAL_TOKENS_MAP),
-              {"bos_token": special("<|bos|>"), "eos_token": special("<|eos|>"), "pad_token": special("<|pad|>")})
-  with open(os.path.join(out_dir, CHAT_TEMPLATE), "w", encoding="utf-8") as f:
-    f.write(CHAT_TEMPLATE_TEXT)
-  return [TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE]
+  return {
+      TOKENIZER_JSON: tok,
+      TOKENIZER_CONFIG: tokenizer_config(cfg, tok, base_name=base_tokenizer, text_id0_as_pad=text_id0_as_pad),
+      SPECIAL_TOKENS_MAP: {"bos_token": special("<|bos|>"), "eos_token": special("<|eos|>"),
+                           "pad_token": special("<|pad|>")},
+      CHAT_TEMPLATE: CHAT_TEMPLATE_TEXT,
+  }
+
+
+def write_files(out_dir: str, files: Mapping[str, Any]) -> list[str]:
+  """Writes {name: JSON object or text} into out_dir; returns the names."""
+  for name, content in files.items():
+    if isinstance(content, str):
+      with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+        f.write(content)
+    else:
+      _write_json(os.path.join(out_dir, name), content)
+  return list(files)
+
+
+def write_tokenizer_files(out_dir: str, base_tokenizer: str, cfg: ModelConfig, *,
+                          text_id0_as_pad: bool | None) -> list[str]:
+  """tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja. Returns names."""
+  return write_files(out_dir, tokenizer_files(base_tokenizer, cfg, text_id0_as_pad=text_id0_as_pad))
 
 
 def write_generation_config(out_dir: str) -> str:
