@@ -2,19 +2,20 @@
 
 Shared by the offline data tool (records), the training input path (templating) and generation.
 
-The encoder (docs/model.md#audio-encoder-frozen, docs/data.md#log-mel) consumes 128-bin log-mel at 16 kHz with a 10 ms hop, exactly as
-`transformers.WhisperFeatureExtractor(feature_size=128)` computes it: periodic Hann window of 400,
-centred STFT with reflect padding, power spectrum, Slaney mel filters 0..8 kHz, log10 floored at
-1e-10, clamp to (max - 8), then (x + 4) / 4. The last STFT frame is dropped, so T = n_samples // 160.
+The encoder consumes 128-bin log-mel at 16 kHz with a 10 ms hop, exactly as the reference computes it
+(docs/data.md#log-mel): `transformers.WhisperFeatureExtractor(feature_size=128)` called with
+`do_normalize=True` on one clip at its own length. That is:
+  1. the waveform is scaled to zero mean and unit variance over the clip, in float32:
+     (x - mean) / sqrt(var + 1e-7) with the population variance (`normalize_waveform`);
+  2. periodic Hann window of 400, centred STFT with reflect padding, power spectrum, Slaney mel
+     filters 0..8 kHz, log10 floored at 1e-10, clamp to (max - 8), then (x + 4) / 4;
+  3. the last STFT frame is dropped, so T = n_samples // 160.
+The frozen encoder and the adapter were trained on such input; skipping step 1 shifts the
+features (max abs diff 0.36 on a test clip).
 
-We differ from the feature extractor's *default call* in one way on purpose: nothing is padded to
-30 s. Qwen3-Omni's processor calls the extractor with `padding=True` ("longest"), so a single clip
-is featurised at its true length and the encoder sees exactly T frames. Consequences:
-  * our output equals `WhisperFeatureExtractor(feature_size=128)(x, padding="longest")` for one clip;
-  * against the 30 s-padded default output, frames 0..T-2 agree whenever the loudest frame is not in
-    the last ~25 ms: the padded call takes its max (for the -8 clamp) over the padded array, whose
-    extra frames at the clip's end mix real samples with zeros, and its last frame sees zeros where
-    ours sees the reflected signal.
+Nothing is padded to 30 s: the reference passes `max_length = n_samples`, so a clip is featurised at
+its true length and the encoder sees exactly T frames. `log_mel(..., normalize=False)` is the
+extractor's default call (`do_normalize=False`); the tests check both against the real extractor.
 
 Numpy only (librosa for resampling and the mel filter matrix); no torch/transformers at run time.
 """
@@ -100,17 +101,31 @@ def num_frames(num_samples: int) -> int:
   return num_samples // HOP_LENGTH
 
 
-def log_mel(wav: np.ndarray, *, num_mel_bins: int = NUM_MEL_BINS) -> np.ndarray:
+def normalize_waveform(wav: np.ndarray) -> np.ndarray:
+  """Zero mean, unit variance over the clip, float32, as WhisperFeatureExtractor(do_normalize=True).
+
+  (x - mean) / sqrt(var + 1e-7), population variance, computed in float32 like the extractor (its
+  `zero_mean_unit_var_norm` on the float32 input).
+  """
+  x = np.asarray(wav, dtype=np.float32)
+  return (x - x.mean()) / np.sqrt(x.var() + np.float32(1e-7))
+
+
+def log_mel(wav: np.ndarray, *, num_mel_bins: int = NUM_MEL_BINS, normalize: bool = True) -> np.ndarray:
   """Whisper log-mel of a 16 kHz mono clip, float32 [num_mel_bins, n_samples // 160].
 
-  See the module docstring for the exact recipe and how it relates to the 30 s-padded extractor.
+  normalize=True (the reference, docs/data.md#log-mel) scales the waveform to zero mean and unit
+  variance first; see the module docstring for the exact recipe.
   """
-  wav = np.asarray(wav, dtype=np.float64)
+  wav = np.asarray(wav)
   if wav.ndim != 1:
     raise ValueError(f"log_mel expects a 1-D waveform, got shape {wav.shape}")
   t = num_frames(wav.shape[0])
   if t == 0:
     raise ValueError(f"waveform of {wav.shape[0]} samples is shorter than one hop ({HOP_LENGTH})")
+  if normalize:
+    wav = normalize_waveform(wav)
+  wav = wav.astype(np.float64)
   # Centred STFT as torch.stft(center=True, pad_mode="reflect"); numpy's reflect also copes with
   # clips shorter than the 200-sample pad (torch would refuse), which only matters for T == 1.
   padded = np.pad(wav, N_FFT // 2, mode="reflect")
@@ -124,7 +139,7 @@ def log_mel(wav: np.ndarray, *, num_mel_bins: int = NUM_MEL_BINS) -> np.ndarray:
 
 
 def mel_features(wav: np.ndarray) -> np.ndarray:
-  """The record's user-audio content: float16 [128, T] (records.py "mel")."""
+  """The record's user-audio content: float16 [128, T] (records.py "mel"), normalised as the reference."""
   return log_mel(wav).astype(np.float16)
 
 

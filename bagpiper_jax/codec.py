@@ -3,8 +3,16 @@
 `XCodec(local_dir)` wraps `transformers.XcodecModel` loaded from a LOCAL directory (the real
 codec once downloaded by hand, or the tiny random model of `build_tiny_xcodec` in tests and the
 demo): `encode(wav)` for the offline data tool (data_pipeline/codes.py), `decode(codes)` for
-generation (codes -> waveform). Every code array passes `check_codes`, so a wrong layout ([8, T]),
-a 4-codebook model or an out-of-range id fails here rather than as garbage ids at training time.
+generation (codes -> waveform).
+
+Framing (docs/model.md#output-codec-frozen-offline): a clip of n samples has floor(n / 320) frames.
+The reference trims the waveform to floor(n / 320) * 320 samples before encoding; X-Codec pads 160
+samples on each side internally, so the untrimmed clip would get one extra frame for most remainders
+(and the shared frames' codes change too). `encode` trims exactly like the reference.
+
+Every code array passes `check_codes`, so a wrong layout ([8, T]), a 4-codebook model or an
+out-of-range id fails here rather than as garbage ids at training time. `XCodec.from_model` wraps a
+model built elsewhere (convert/release.py `codec_from_release`: the codec shipped in a release).
 
 torch and transformers are imported lazily: they are the optional PyTorch peer (extra `torch`),
 and the training path never needs them.
@@ -21,6 +29,7 @@ NUM_CODEBOOKS = 8
 CODEBOOK_SIZE = 1024
 FRAME_RATE = 50  # 16 kHz / hop 320
 SAMPLE_RATE = 16_000
+HOP_LENGTH = SAMPLE_RATE // FRAME_RATE  # 320 samples per codec frame
 
 
 class CodecError(ValueError):
@@ -39,6 +48,17 @@ def check_codes(codes: np.ndarray, where: str) -> np.ndarray:
     raise CodecError(f"{where}: codes must lie in [0, {CODEBOOK_SIZE}), got range [{lo}, {hi}]")
   return codes.astype(np.int16)
 
+
+def num_frames(num_samples: int) -> int:
+  """Codec frames of a clip of `num_samples` at 16 kHz: floor(n / 320) (the reference's framing)."""
+  return int(num_samples) // HOP_LENGTH
+
+
+def trim_to_frames(wav: np.ndarray) -> np.ndarray:
+  """The first floor(n / 320) * 320 samples: what the reference encodes."""
+  return wav[: num_frames(wav.shape[-1]) * HOP_LENGTH]
+
+
 class XCodec:
   """`transformers.XcodecModel.from_pretrained(local_dir)` at its full bandwidth (8 codebooks)."""
 
@@ -52,30 +72,48 @@ class XCodec:
     if num_threads:
       torch.set_num_threads(num_threads)
     _quiet_transformers()
+    self._setup(XcodecModel.from_pretrained(local_dir, local_files_only=True), local_dir, device)
+
+  @classmethod
+  def from_model(cls, model, *, where: str, device: str = "cpu") -> "XCodec":
+    """Wraps an already built `transformers.XcodecModel` (e.g. rebuilt from a release's tensors)."""
+    self = cls.__new__(cls)
+    self._setup(model, where, device)
+    return self
+
+  def _setup(self, model, where: str, device: str) -> None:
+    import torch  # pylint: disable=g-import-not-at-top  (optional PyTorch peer)
     self._torch = torch
-    self.local_dir = local_dir
+    self.local_dir = where
     self.device = device
-    self.model = XcodecModel.from_pretrained(local_dir, local_files_only=True).eval().to(device)
+    self.model = model.eval().to(device)
     cfg = self.model.config
     if cfg.sample_rate != SAMPLE_RATE or cfg.frame_rate != FRAME_RATE:
-      raise ValueError(f"{local_dir}: codec runs at {cfg.sample_rate} Hz / {cfg.frame_rate} Hz frames; "
+      raise ValueError(f"{where}: codec runs at {cfg.sample_rate} Hz / {cfg.frame_rate} Hz frames; "
                        f"Bagpiper needs {SAMPLE_RATE} Hz / {FRAME_RATE} Hz")
     if cfg.num_quantizers < NUM_CODEBOOKS or cfg.codebook_size != CODEBOOK_SIZE:
-      raise ValueError(f"{local_dir}: codec has {cfg.num_quantizers} codebooks of {cfg.codebook_size}; "
+      raise ValueError(f"{where}: codec has {cfg.num_quantizers} codebooks of {cfg.codebook_size}; "
                        f"Bagpiper needs {NUM_CODEBOOKS} of {CODEBOOK_SIZE}")
     self._bandwidth = next(b for b in cfg.target_bandwidths
                            if self.model.quantizer.get_num_quantizers_for_bandwidth(b) == NUM_CODEBOOKS)
 
   def encode(self, wav_16k: np.ndarray) -> np.ndarray:
-    """Mono 16 kHz waveform -> int16 codes [T, 8]."""
+    """Mono 16 kHz waveform of n samples -> int16 codes [n // 320, 8] (trimmed as the reference)."""
     torch = self._torch
     wav = np.asarray(wav_16k, dtype=np.float32)
     if wav.ndim != 1:
       raise CodecError(f"xcodec expects a mono 1-D waveform, got shape {wav.shape}")
-    x = torch.from_numpy(wav).to(self.device)[None, None, :]
+    frames = num_frames(wav.shape[0])
+    if frames == 0:
+      raise CodecError(f"xcodec: {wav.shape[0]} samples is shorter than one codec frame ({HOP_LENGTH})")
+    x = torch.from_numpy(np.ascontiguousarray(trim_to_frames(wav))).to(self.device)[None, None, :]
     with torch.inference_mode():
       codes = self.model.encode(x, bandwidth=self._bandwidth, return_dict=False)  # [1, 8, T]
-    return check_codes(codes[0].T.cpu().numpy(), "xcodec output")
+    codes = check_codes(codes[0].T.cpu().numpy(), "xcodec output")
+    if codes.shape[0] != frames:
+      raise CodecError(f"xcodec gave {codes.shape[0]} frames for {frames * HOP_LENGTH} samples; expected "
+                       f"{frames} ({HOP_LENGTH} samples per frame)")
+    return codes
 
   def decode(self, codes: np.ndarray) -> np.ndarray:
     """int codes [T, 8] -> mono float32 waveform at 16 kHz."""

@@ -15,6 +15,7 @@ import dataclasses
 
 import ml_collections
 
+from bagpiper_jax.convert import vllm_config
 from bagpiper_jax.model.config import ModelConfig
 
 STAGES = ("warmup", "pretrain", "sft")
@@ -107,5 +108,17 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.eval_every_steps = 1000
   c.eval_steps = 20
   c.nan_policy = "stop"  # stop | skip
+
+  # Releases written by the run (convert/release_action.py, docs/release.md): every release_every_steps
+  # (and at the last step) a release directory <workdir>/releases/<step>/ (0: never).
+  c.release_every_steps = 0
+  c.release = ml_collections.ConfigDict()
+  c.release.dtype = "bfloat16"  # bfloat16 | float32 | keep
+  c.release.max_shard_size = "5GB"
+  c.release.tokenizer = ""  # tokenizer.json to ship; "" = the one the training data's index.json records
+  c.release.codec = ""  # XcodecModel dir to ship; "" = the one the training data's index.json records
+  c.release.with_tokenizer = True  # False: no tokenizer files
+  c.release.with_codec = True  # False: no codec tensors (weights-only)
+  c.release.xcodec_hf_model_tag = vllm_config.DEFAULT_XCODEC_TAG  # config.json: the codec the vLLM fork loads
   c.device_peak_flops = 0.0  # 0: look up by device kind
   return c

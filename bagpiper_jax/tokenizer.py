@@ -1,8 +1,15 @@
 """Text tokenisers behind one small interface.
 
-`Tokenizer.encode` returns RAW tokenizer ids. The unified vocabulary (docs/model.md#vocabulary) puts text ids at
-+256 (after the specials); that shift is the record writer's job (`UNIFIED_TEXT_OFFSET`), so one
-tokenizer file serves both this code and any PyTorch-side tooling unchanged.
+`Tokenizer.encode` returns RAW tokenizer ids. The unified vocabulary (docs/model.md#vocabulary) puts
+text ids at +256 (after the specials); `to_unified` / `from_unified` are the one place that mapping
+lives (the record writer, generation and the release tokenizer use them), so one tokenizer file
+serves both this code and any PyTorch-side tooling unchanged.
+
+Raw id 0. The reference maps the tokenizer's raw id 0 (Qwen3's `!`) to `<|pad|>` (0) instead of 256
+(`np.where(ids == 0, 0, ids + 256)`); this project does the same by default (`id0_as_pad=True`), so a
+model trained here reads the ids a reference-trained release was trained on. The data tool records
+the choice (`text_id0_as_pad` in its index.json and shard fingerprints); see docs/model.md#vocabulary
+for its effect on the loss.
 
   HFTokenizer(".../tokenizer.json")          the Qwen3 tokenizer (or any `tokenizers` JSON)
   SentencePieceTokenizer(".../spm.model")    small from-scratch vocabularies (demo, tiny configs)
@@ -17,10 +24,39 @@ import abc
 import os
 from typing import Iterable
 
+import numpy as np
 import sentencepiece as spm
 from tokenizers import Tokenizer as _HF
 
 UNIFIED_TEXT_OFFSET = 256  # = ModelConfig.num_specials
+PAD_ID = 0  # <|pad|>
+
+
+def to_unified(raw_ids, *, id0_as_pad: bool = True) -> np.ndarray:
+  """Raw tokenizer ids -> unified-vocabulary ids (int32): raw + 256, and raw 0 -> <|pad|> (0) when
+  `id0_as_pad` (the reference's mapping; docs/model.md#vocabulary)."""
+  raw = np.asarray(raw_ids, dtype=np.int64)
+  if raw.size and raw.min() < 0:
+    raise ValueError(f"raw token ids must be >= 0, got {int(raw.min())}")
+  out = raw + UNIFIED_TEXT_OFFSET
+  if id0_as_pad:
+    out = np.where(raw == 0, PAD_ID, out)
+  return out.astype(np.int32)
+
+
+def from_unified(unified_ids, *, text_vocab_size: int | None = None) -> np.ndarray:
+  """Unified ids -> raw tokenizer ids of the text among them (int64).
+
+  Ids below 256 (specials, <|pad|> included) are not text and are dropped, as the reference's
+  `decode(..., skip_special_tokens=True)` drops them. An id at or above 256 + text_vocab_size (a codec
+  id) is an error: it is not text of this vocabulary.
+  """
+  ids = np.asarray(unified_ids, dtype=np.int64).reshape(-1)
+  if text_vocab_size is not None and ids.size and ids.max() >= UNIFIED_TEXT_OFFSET + text_vocab_size:
+    bad = ids[ids >= UNIFIED_TEXT_OFFSET + text_vocab_size]
+    raise ValueError(f"from_unified: ids {bad[:5].tolist()} are past the text range [256, "
+                     f"{UNIFIED_TEXT_OFFSET + text_vocab_size}) (codec ids are not text)")
+  return ids[ids >= UNIFIED_TEXT_OFFSET] - UNIFIED_TEXT_OFFSET
 
 
 class Tokenizer(abc.ABC):

@@ -100,6 +100,8 @@ def main(argv):
   workdir = paths.resolve(_WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]), config.stage))
   config.init_from = paths.resolve(config.init_from)
+  config.release.tokenizer, config.release.codec = (paths.resolve(p) for p in (config.release.tokenizer,
+                                                                               config.release.codec))
   print(f"workdir {workdir}", flush=True)
   try:
     check_workdir(config, workdir)

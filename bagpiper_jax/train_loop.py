@@ -12,7 +12,8 @@ What happens, in order:
   3. loop: take grad_accum_steps host batches, remember the iterator state, place them on the mesh,
      run the jitted step (train_step.py); every log_every_steps: console line, TensorBoard,
      metrics.jsonl, non-finite check; the periodic actions (`make_actions`: held-out eval every
-     eval_every_steps, ...); every checkpoint.every_steps: async checkpoint;
+     eval_every_steps, a release directory every release_every_steps, ...); every
+     checkpoint.every_steps: async checkpoint;
   4. SIGTERM (preemption): save at the current step, wait for the write, exit 0;
   5. at train_steps: final checkpoint, wait, exit.
 """
@@ -33,7 +34,9 @@ from bagpiper_jax import checkpoint as ckpt_lib
 from bagpiper_jax import evaluate as eval_lib
 from bagpiper_jax import metrics as metrics_lib
 from bagpiper_jax import paths, sharding, trainer
+from bagpiper_jax.convert.release_action import ReleaseAction
 from bagpiper_jax.data import input_pipeline
+from bagpiper_jax.periodic import PeriodicAction
 from bagpiper_jax.synthetic import SyntheticIterator
 
 
@@ -195,20 +198,6 @@ def _check_finite(config, first_bad_step: int, out) -> None:
 # Periodic actions: what the loop does every N steps besides the step, logging and checkpoints.
 
 
-class PeriodicAction:
-  """Runs every `every` steps and at the last step (every <= 0: never). Subclasses implement
-  `run(step, state) -> dict` (metrics to report, may be empty)."""
-
-  def __init__(self, every: int):
-    self.every = int(every)
-
-  def due(self, step: int, last: bool) -> bool:
-    return self.every > 0 and (step % self.every == 0 or last)
-
-  def run(self, step: int, state) -> dict:
-    raise NotImplementedError
-
-
 class EvalAction(PeriodicAction):
   """Held-out loss over config.eval_steps batches of config.data.eval_sources (evaluate.py)."""
 
@@ -229,8 +218,7 @@ class EvalAction(PeriodicAction):
 def make_actions(config, setup: trainer.Setup, make_eval, writer: metrics_lib.MetricsWriter,
                  workdir: str) -> list[PeriodicAction]:
   """The run's periodic actions, in the order they run after a step."""
-  del workdir  # for actions that write files of their own
-  return [EvalAction(config, setup, make_eval, writer)]
+  return [EvalAction(config, setup, make_eval, writer), ReleaseAction(config, setup, workdir)]
 
 
 # ---------------------------------------------------------------------------------------------

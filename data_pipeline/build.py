@@ -13,6 +13,7 @@ about the file, so its segment times may be too).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Optional
 
@@ -37,6 +38,39 @@ class BuildSettings:
   tokenizer: str
   codec: str = ""  # codes.load_codec spec
   sample_rate_policy: str = "resample"
+  # Raw text id 0 -> <|pad|> as the reference (tokenizer.to_unified); False: -> 256 like every other id.
+  text_id0_as_pad: bool = True
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def provenance(settings: BuildSettings) -> dict:
+  """What made the data, for index.json: the tokenizer and the codec as absolute paths + content hashes.
+
+  The release export (bagpiper_jax/convert/release.py) reads this to ship the tokenizer and the codec
+  the model was trained with. {"codec": {"kind": "npy"}} means the codes were precomputed elsewhere
+  and the codec is not known here.
+  """
+  tok = os.path.abspath(settings.tokenizer)
+  if os.path.isdir(tok):
+    tok = os.path.join(tok, "tokenizer.json")
+  out = {"tokenizer": {"path": tok, "sha256": _sha256(tok),
+                       "kind": "sentencepiece" if tok.endswith(".model") else "hf_tokenizers"},
+         "text_id0_as_pad": settings.text_id0_as_pad}
+  kind, arg = codes_lib.check_codec_spec(settings.codec)
+  if kind == "xcodec":
+    d = os.path.abspath(arg)
+    files = sorted(f for f in os.listdir(d) if f == "config.json" or f.endswith(".safetensors"))
+    out["codec"] = {"kind": "xcodec", "dir": d, "sha256": {f: _sha256(os.path.join(d, f)) for f in files}}
+  elif kind:
+    out["codec"] = {"kind": kind, "dir": os.path.abspath(arg) if arg else ""}
+  return out
 
 
 class ItemError(Exception):
@@ -75,7 +109,7 @@ class Builder:
       raise ItemError("tokenizer", f"tokenizer failed ({type(e).__name__}: {e})") from e
     if not ids:
       raise ItemError("empty_text", f"text tokenises to no ids: {text[:80]!r}")
-    return np.asarray(ids, dtype=np.int32) + tokenizer_lib.UNIFIED_TEXT_OFFSET
+    return tokenizer_lib.to_unified(ids, id0_as_pad=self.settings.text_id0_as_pad)
 
   def _load(self, path: str, start, end, declared_sr, warnings: list, item) -> np.ndarray:
     try:

@@ -36,6 +36,9 @@ _SAMPLE_RATE_POLICY = flags.DEFINE_enum(
     "sample_rate_policy", "resample", list(build.SAMPLE_RATE_POLICIES),
     "Audio not at 16 kHz: 'resample' (and report in warnings.jsonl) or 'error' (skip the record).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Print a progress line (items/s, ETA).")
+_TEXT_ID0_AS_PAD = flags.DEFINE_bool(
+    "text_id0_as_pad", True, "Map the tokenizer's raw id 0 to <|pad|> as the reference does (default); "
+    "--notext_id0_as_pad maps it to 256 like every other id (docs/model.md#vocabulary).")
 
 flags.mark_flags_as_required(["out_dir", "tokenizer"])
 
@@ -52,7 +55,8 @@ def main(argv):
   if not manifests:
     raise app.UsageError("give at least one --manifest")
   settings = build.BuildSettings(tokenizer=_TOKENIZER.value, codec=_CODEC.value,
-                                 sample_rate_policy=_SAMPLE_RATE_POLICY.value)
+                                 sample_rate_policy=_SAMPLE_RATE_POLICY.value,
+                                 text_id0_as_pad=_TEXT_ID0_AS_PAD.value)
   index = writer.write_shards(manifests, _OUT_DIR.value, settings, shard_size=_SHARD_SIZE.value,
                               num_workers=_NUM_WORKERS.value, sft_source=_SFT_SOURCE.value,
                               progress=_PROGRESS.value)

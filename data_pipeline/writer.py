@@ -8,7 +8,8 @@ Output layout under `out_dir`:
                                                     this shard's errors/warnings/token totals)
   <source>/shard-00000-of-00003.partial-<pid>       being written (renamed when complete)
   index.json      per-source record counts and shard lists, per-category token totals, error and
-                  warning counts by kind, tokenizer vocab size, throughput of the last run
+                  warning counts by kind, tokenizer vocab size, throughput of the last run, and
+                  `provenance` (build.provenance: the tokenizer and codec that made the data)
   errors.jsonl    one line per skipped record or manifest line: manifest, line, id, source, audio,
                   kind, reason
   warnings.jsonl  records that were written but deserve a look (e.g. resampled from 44.1 kHz)
@@ -413,6 +414,7 @@ def _summarise(tasks, markers, line_errors, shard_failures, out_dir, settings, m
       "format": FORMAT_VERSION,
       "manifests": [os.path.abspath(m) for m in manifests],
       "settings": dataclasses.asdict(settings),
+      "provenance": build_lib.provenance(settings),  # tokenizer + codec that made the data (release export)
       "tokenizer_vocab_size": vocab_size,
       "num_records": sum(s["records"] for s in sources.values()),
       "sources": sources,

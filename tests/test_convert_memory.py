@@ -108,7 +108,8 @@ def conversions(tmp, cfg: ModelConfig) -> dict[str, int]:
   write_random_checkpoint(tmp / "ck", cfg)
   peaks = {}
   peaks["export"], out = run_measured("bagpiper_jax.convert.release", "export", f"--ckpt={tmp / 'ck'}",
-                                      f"--out={tmp / 'rel'}", f"--espnet_pt={tmp / 'base.pt'}")
+                                      f"--out={tmp / 'rel'}", f"--espnet_pt={tmp / 'base.pt'}", "--no_codec",
+                                      "--no_tokenizer")
   peaks["import"], _ = run_measured("bagpiper_jax.convert.release", "import", f"--src={tmp / 'rel'}",
                                     f"--out={tmp / 'back'}")
   write_fake_qwen3(tmp / "qwen3", cfg)

@@ -3,9 +3,14 @@ and layer slices whatever the chunking (including arrays chunked across layers).
 
 from __future__ import annotations
 
+import json
+import os
+import re
+
 import jax
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from bagpiper_jax.convert import params_io
@@ -88,3 +93,24 @@ def test_reader_band_budget_splits_wide_chunks(tmp_path):
     np.testing.assert_array_equal(reader.read(("w",), i), x[i])
     assert reader._band[2] - reader._band[1] <= 2  # pylint: disable=protected-access
   np.testing.assert_array_equal(reader.read(("w",), 3), x[3])
+
+
+def test_lazy_writer_layout_matches_orbax_numpy_handler(tmp_path):
+  """The one convention copied from Orbax's NumpyHandler (params_io._ocdbt_process_index: which OCDBT
+  process subdirectory a leaf is written under) must still be Orbax's: the files written for a
+  LazyArray leaf and by the stock StandardCheckpointer for the same numpy leaf have the same layout
+  and metadata. Fails loudly if an Orbax upgrade changes it."""
+  x = np.arange(24, dtype=np.float32).reshape(4, 6)
+  params_io.save_params(tmp_path / "lazy", {"a": params_io.LazyArray.computed(x.shape, x.dtype, lambda: x)})
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "stock" / "params", {"a": x})
+
+  def layout(d):
+    files = [os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs]
+    return sorted(re.sub(r"[0-9a-f]{32}", "<hash>", f) for f in files)
+  lazy, stock = tmp_path / "lazy" / "params", tmp_path / "stock" / "params"
+  assert layout(lazy) == layout(stock)
+  assert any(p.startswith(f"ocdbt.process_{jax.process_index()}/") for p in layout(lazy))
+  meta = lambda d: json.loads((d / "_METADATA").read_text())["tree_metadata"]
+  assert meta(lazy) == meta(stock)
+  np.testing.assert_array_equal(params_io.load_params(tmp_path / "lazy")["a"], x)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+import types
 
 import jax
 import ml_dtypes
@@ -15,8 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from bagpiper_jax import audio  # noqa: E402
-from bagpiper_jax.convert import params_io, release, rules, safetensors_io, streaming  # noqa: E402
+from bagpiper_jax import audio, checkpoint, config_lib  # noqa: E402
+from bagpiper_jax.convert import params_io, release, rules, safetensors_io, streaming, vllm_config  # noqa: E402
 from bagpiper_jax.model import Bagpiper  # noqa: E402
 from bagpiper_jax.model import audio_encoder as ae  # noqa: E402
 from conftest import tiny_model_config  # noqa: E402
@@ -52,13 +55,17 @@ def _assert_trees_bit_equal(a, b):
     assert np.array_equal(_bits(x), _bits(y)), k
 
 
-def _load_release(path) -> dict:
+def _load_release(path, buffers: bool = True) -> dict:
+  """The indexed shards (what vLLM loads) and, with buffers=True, espnet_buffers.safetensors."""
   out = {}
   with open(os.path.join(path, safetensors_io.INDEX_NAME)) as f:
     shards = sorted(set(json.load(f)["weight_map"].values()))
-  for s in shards:
+  for s in shards + ([release.ESPNET_BUFFERS] if buffers else []):
     out.update(safetensors_torch.load_file(os.path.join(path, s)))
   return out
+
+
+WEIGHTS_ONLY = dict(with_codec=False, with_tokenizer=False)
 
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
@@ -68,7 +75,7 @@ def test_round_trip_orbax_release_orbax_is_bit_exact(tmp_path, param_dtype):
   params_io.save_params(tmp_path / "a", params, cfg)
   shard = 40_000
   summary = release.export_release(str(tmp_path / "a"), str(tmp_path / "rel"), dtype=param_dtype,
-                                   max_shard_bytes=shard, espnet_pt=str(tmp_path / "base.pt"))
+                                   max_shard_bytes=shard, espnet_pt=str(tmp_path / "base.pt"), **WEIGHTS_ONLY)
   assert summary["dtype"] == param_dtype and len(summary["shards"]) > 1
 
   # Layout: every rule's tensor exactly once, shards within the limit, config.json as specified.
@@ -87,7 +94,11 @@ def test_round_trip_orbax_release_orbax_is_bit_exact(tmp_path, param_dtype):
   assert conf["model_type"] == "bagpiper"
   assert conf["architectures"] == ["BagpiperForConditionalGeneration"]
   assert conf["vocab_size"] == cfg.vocab_size and conf["torch_dtype"] == param_dtype
-  assert release.model_config_from_release(conf) == cfg
+  assert vllm_config.model_config_from_release(conf) == cfg
+  # vocab_weight sits outside the index (vLLM's loader would reject it), float32, derived from the config.
+  vw = safetensors_torch.load_file(str(tmp_path / "rel" / release.ESPNET_BUFFERS))
+  assert list(vw) == ["vocab_weight"] and vw["vocab_weight"].dtype == torch.float32
+  np.testing.assert_array_equal(vw["vocab_weight"].numpy(), release.vocab_weight(cfg))
 
   # Release -> Orbax (config from config.json) and ESPnet .pt -> Orbax: both bit-exact.
   release.import_release(str(tmp_path / "rel"), str(tmp_path / "b"))
@@ -116,8 +127,8 @@ def test_fp32_checkpoint_exports_rounded_bf16_by_default(tmp_path):
   cfg = tiny_model_config()
   params = random_params(cfg, seed=1)
   params_io.save_params(tmp_path / "a", params, cfg)
-  release.export_release(str(tmp_path / "a"), str(tmp_path / "rel"))  # default bfloat16
-  st = _load_release(tmp_path / "rel")
+  release.export_release(str(tmp_path / "a"), str(tmp_path / "rel"), **WEIGHTS_ONLY)  # default bfloat16
+  st = _load_release(tmp_path / "rel", buffers=False)
   assert {v.dtype for v in st.values()} == {torch.bfloat16}
   release.import_release(str(tmp_path / "rel"), str(tmp_path / "b"))  # back to the fp32 param dtype
   back = params_io.load_params(tmp_path / "b")
@@ -137,8 +148,8 @@ def test_exported_tensors_run_in_transformers(tmp_path):
   cfg = tiny_model_config()
   params = random_params(cfg, seed=2)
   params_io.save_params(tmp_path / "a", params, cfg)
-  release.export_release(str(tmp_path / "a"), str(tmp_path / "rel"), dtype="float32")
-  st = _load_release(tmp_path / "rel")
+  release.export_release(str(tmp_path / "a"), str(tmp_path / "rel"), dtype="float32", **WEIGHTS_ONLY)
+  st = _load_release(tmp_path / "rel", buffers=False)
 
   # Decoder: model.* + lm_head.weight load strictly into Qwen3ForCausalLM with the unified vocab.
   hf = Qwen3ForCausalLM(Qwen3Config(
@@ -190,10 +201,17 @@ def test_torch_saved_espnet_checkpoint_imports(tmp_path):
   params = random_params(cfg, seed=5)
   sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rules.to_torch_tensors(params, rules.bagpiper_rules(cfg))}
   sd[release.CODEC_PREFIX + "quantizer.codebook"] = torch.zeros(4, 3)
+  sd["vocab_weight"] = torch.from_numpy(release.vocab_weight(cfg))  # the reference's persistent buffer
   torch.save({"module": sd}, tmp_path / "base.pt")
   summary = release.import_release(str(tmp_path / "base.pt"), str(tmp_path / "o"), cfg=cfg)
-  assert summary["skipped_tensors"] == 1
+  assert summary["skipped_tensors"] == 1 and summary["vocab_weight_checked"]
   _assert_trees_bit_equal(params, params_io.load_params(tmp_path / "o"))
+  # A vocab_weight other than the config's (here: codec weight 1.0 from id 500 on) names the ids.
+  bad_vw = release.vocab_weight(cfg)
+  bad_vw[500:] = 1.0
+  torch.save({"module": dict(sd, vocab_weight=torch.from_numpy(bad_vw))}, tmp_path / "badvw.pt")
+  with pytest.raises(ValueError, match=r"vocab_weight differs .* at 92 ids, first \[500, 501"):
+    release.import_release(str(tmp_path / "badvw.pt"), str(tmp_path / "o_vw"), cfg=cfg)
   # Other unknown entries are an error unless their prefix is skipped explicitly.
   sd["criterion.weight"] = torch.ones(2)
   torch.save({"module": sd}, tmp_path / "extra.pt")
@@ -208,12 +226,21 @@ def test_codec_tensors_pass_through_export(tmp_path):
   params_io.save_params(tmp_path / "a", random_params(cfg), cfg)
   codec = {"encoder.conv.weight": np.arange(12, dtype=np.float32).reshape(3, 4)}
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  save_file(codec, str(tmp_path / "codec.safetensors"))
-  s = release.export_release(str(tmp_path / "a"), str(tmp_path / "rel"), codec=str(tmp_path / "codec.safetensors"))
+  (tmp_path / "codec").mkdir()
+  save_file(codec, str(tmp_path / "codec" / "model.safetensors"))
+  (tmp_path / "codec" / "config.json").write_text('{"model_type": "xcodec"}')
+  s = release.export_release(str(tmp_path / "a"), str(tmp_path / "rel"), codec=str(tmp_path / "codec"),
+                             with_tokenizer=False)
   assert s["codec_tensors"] == 1
   st = _load_release(tmp_path / "rel")
-  np.testing.assert_array_equal(st[release.CODEC_PREFIX + "encoder.conv.weight"].numpy(), codec["encoder.conv.weight"])
+  np.testing.assert_array_equal(st[release.CODEC_PREFIX + "encoder.conv.weight"].numpy(),
+                                codec["encoder.conv.weight"])
+  assert json.loads((tmp_path / "rel" / "codec_config.json").read_text()) == {"model_type": "xcodec"}
   assert release.import_release(str(tmp_path / "rel"), str(tmp_path / "b"))["skipped_tensors"] == 1
+  # No codec known and none given: one clear error naming the flags, nothing written.
+  with pytest.raises(ValueError, match="cannot tell which X-Codec made the data.*--codec=.*--no_codec"):
+    release.export_release(str(tmp_path / "a"), str(tmp_path / "rel2"), with_tokenizer=False)
+  assert not (tmp_path / "rel2").exists()
 
 
 def test_bad_release_input_lists_offending_keys(tmp_path):
@@ -255,13 +282,13 @@ def test_bad_release_input_lists_offending_keys(tmp_path):
   broken["norm"]["scale"] = np.ones(7, np.float32)
   params_io.save_params(tmp_path / "ck", broken, cfg)
   with pytest.raises(ValueError) as e:
-    release.export_release(str(tmp_path / "ck"), str(tmp_path / "rel"))
+    release.export_release(str(tmp_path / "ck"), str(tmp_path / "rel"), **WEIGHTS_ONLY)
   assert "stream_emb/embedding" in str(e.value) and "norm/scale: got (7,), expected (32,)" in str(e.value)
   assert not (tmp_path / "rel").exists()
   params_io.save_params(tmp_path / "ok", params, cfg)
-  release.export_release(str(tmp_path / "ok"), str(tmp_path / "rel"))
+  release.export_release(str(tmp_path / "ok"), str(tmp_path / "rel"), **WEIGHTS_ONLY)
   with pytest.raises(ValueError, match="already holds safetensors files"):
-    release.export_release(str(tmp_path / "ok"), str(tmp_path / "rel"))
+    release.export_release(str(tmp_path / "ok"), str(tmp_path / "rel"), **WEIGHTS_ONLY)
 
   # No config anywhere -> ask for --config.
   write("noconf", good)
@@ -274,8 +301,6 @@ def test_bad_release_input_lists_offending_keys(tmp_path):
 def test_training_checkpoint_exports_and_init_from_loads_the_import(tmp_path):
   """The train loop's checkpoints export (model config from their `config` item), and what import
   writes is what the train loop's `config.init_from` (bagpiper_jax.checkpoint.load_params) restores."""
-  import types  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax import checkpoint, config_lib  # pylint: disable=g-import-not-at-top
   cfg = tiny_model_config()
   conf = config_lib.base_config("pretrain")
   conf.model = config_lib.model_config(**cfg.to_dict())
@@ -285,8 +310,53 @@ def test_training_checkpoint_exports_and_init_from_loads_the_import(tmp_path):
   ckptr = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), conf, async_save=False)
   assert ckptr.save(5, state, None, force=True)
   ckptr.close()
-  release.export_release(str(tmp_path / "checkpoints"), str(tmp_path / "rel"), dtype="float32")
+  release.export_release(str(tmp_path / "checkpoints"), str(tmp_path / "rel"), dtype="float32", **WEIGHTS_ONLY)
   release.import_release(str(tmp_path / "rel"), str(tmp_path / "init"))
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), params)
   _assert_trees_bit_equal(params, checkpoint.load_params(str(tmp_path / "init"), abstract))
+
+
+def _cli(*args):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=repo, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_cli_names_the_step_and_bad_paths_in_one_line(tmp_path):
+  cfg = tiny_model_config()
+  conf = config_lib.base_config("pretrain")
+  conf.model = config_lib.model_config(**cfg.to_dict())
+  state = types.SimpleNamespace(params=random_params(cfg, seed=4), step=np.int32(7), opt_state={},
+                                nonfinite={"count": np.int32(0)})
+  ckptr = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"), conf, async_save=False)
+  assert ckptr.save(7, state, None, force=True)
+  ckptr.close()
+  # A workdir is enough: the latest finished step is found and named.
+  r = _cli("bagpiper_jax.convert.release", "export", f"--ckpt={tmp_path / 'run'}", f"--out={tmp_path / 'rel'}",
+           "--no_codec", "--no_tokenizer")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"[release export] step 7 of {tmp_path / 'run' / 'checkpoints' / '7'}" in r.stdout
+  assert json.loads((tmp_path / "rel" / "release.json").read_text())["step"] == 7
+  # Bad input: one line on stderr naming it, exit 1, no traceback.
+  for args, what in [(("bagpiper_jax.convert.release", "export", f"--ckpt={tmp_path / 'nope'}",
+                       f"--out={tmp_path / 'r2'}"), "nope: no such file or directory"),
+                     (("bagpiper_jax.convert.release", "export", f"--ckpt={tmp_path / 'run'}", "--step=3",
+                       f"--out={tmp_path / 'r3'}"), "no finished step 3 (finished: [7])"),
+                     (("bagpiper_jax.convert.release", "export", f"--ckpt={tmp_path / 'run'}",
+                       f"--out={tmp_path / 'r4'}"), "cannot tell which tokenizer made the data"),
+                     (("bagpiper_jax.convert.hf_init", "--config=configs/tiny.py", f"--qwen3={tmp_path / 'q'}",
+                       "--random_audio_tower", f"--out={tmp_path / 'i'}"), "--qwen3 " + str(tmp_path / "q"))]:
+    r = _cli(*args)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr[-3000:])
+    err = [line for line in r.stderr.splitlines() if "ERROR" in line]
+    assert len(err) == 1 and what in err[0], (what, r.stderr[-2000:])
+
+
+def test_publish_copies_a_finished_release(tmp_path):
+  """The staging copy used for gs:// outputs (epath), here onto a local path."""
+  (tmp_path / "a").mkdir()
+  for n, text in (("release.json", "{}"), ("config.json", "{}"), ("model.safetensors", "x")):
+    (tmp_path / "a" / n).write_text(text)
+  release.publish(str(tmp_path / "a"), str(tmp_path / "b" / "c"))
+  assert sorted(os.listdir(tmp_path / "b" / "c")) == ["config.json", "model.safetensors", "release.json"]

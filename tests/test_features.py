@@ -25,11 +25,43 @@ def extractor():
   return transformers.WhisperFeatureExtractor(feature_size=128)
 
 
-@pytest.mark.parametrize("n", [16000 * 2 + 100, 48000, 48020, 5000, 250])
-def test_matches_unpadded_extractor(extractor, n):
-  """Qwen3-Omni featurises one clip with padding="longest": no padding at all. Exact match."""
-  x = _clip(n)
+def _reference(extractor, x):
+  """The reference's call (ESPnet ContinuousAudioIO.preprocess): one clip, do_normalize=True,
+  max_length = its own length, so no padding; then its first n // 160 frames."""
+  n = x.shape[0]
+  out = extractor([x], sampling_rate=16000, do_normalize=True, max_length=n, truncation=False,
+                  return_attention_mask=True, return_tensors="np")["input_features"][0]
+  return out[:, : n // 160]
+
+
+@pytest.mark.parametrize("n", [16000 * 2 + 100, 48000, 48020, 5000, 250, 19752])
+def test_matches_reference_extractor_with_normalization(extractor, n):
+  """The default log_mel is WhisperFeatureExtractor(feature_size=128, do_normalize=True) on the clip."""
+  x = _clip(n) + np.float32(0.05)  # a DC offset too, so the mean matters
   ours = features.log_mel(x)
+  ref = _reference(extractor, x)
+  assert ours.shape == (128, n // 160) == ref.shape
+  assert np.abs(ours - ref).max() < 5e-5, np.abs(ours - ref).max()
+  # Without the waveform normalisation the features are far off (why the reference's do_normalize matters).
+  assert np.abs(features.log_mel(x, normalize=False) - ref).max() > 0.05
+
+
+def test_normalize_waveform_is_the_extractors():
+  x = _clip(7001, seed=3) * np.float32(3.0) + np.float32(0.2)
+  y = features.normalize_waveform(x)
+  assert y.dtype == np.float32
+  # transformers' own normaliser (the do_normalize step), on the float32 input.
+  transformers = pytest.importorskip("transformers")
+  ref = transformers.WhisperFeatureExtractor.zero_mean_unit_var_norm([x], attention_mask=None)[0]
+  np.testing.assert_array_equal(y, ref)
+  assert abs(float(y.mean())) < 1e-5 and abs(float(y.std()) - 1.0) < 1e-4
+
+
+@pytest.mark.parametrize("n", [16000 * 2 + 100, 48000, 48020, 5000, 250])
+def test_unnormalized_matches_unpadded_extractor(extractor, n):
+  """normalize=False is the extractor's default (do_normalize=False) at the clip's own length."""
+  x = _clip(n)
+  ours = features.log_mel(x, normalize=False)
   ref = extractor(x, sampling_rate=16000, padding="longest", return_tensors="np")["input_features"][0]
   assert ours.shape == (128, n // 160) == ref.shape
   assert np.abs(ours - ref).max() < 1e-3, np.abs(ours - ref).max()
@@ -42,7 +74,7 @@ def test_matches_30s_padded_prefix(extractor, n):
   last kept frame's window ends inside the real samples (otherwise it sees padding zeros, we see the
   reflected signal)."""
   x = _clip(n, seed=1)
-  ours = features.log_mel(x)
+  ours = features.log_mel(x, normalize=False)
   ref = extractor(x, sampling_rate=16000, return_tensors="np")["input_features"][0]
   assert ref.shape == (128, 3000)
   t = n // 160
@@ -55,7 +87,7 @@ def test_padding_changes_max_when_loudest_at_end(extractor):
   n = 16000 + 20
   x = 0.01 * _clip(n)
   x[-30:] = 0.9
-  ours = features.log_mel(x)
+  ours = features.log_mel(x, normalize=False)
   ref = extractor(x, sampling_rate=16000, return_tensors="np")["input_features"][0][:, : n // 160]
   assert np.abs(ours[:, :-1] - ref[:, :-1]).max() > 1e-2
 

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import re
 import resource
 import sys
 
+from bagpiper_jax import paths
+from bagpiper_jax.convert import params_io
 from bagpiper_jax.model.config import ModelConfig
+
+# Bad input (a missing path, a checkpoint that does not match, an unusable tokenizer, ...): every
+# such error the conversions raise is one of these and carries a message naming the file or flag.
+INPUT_ERRORS = (ValueError, FileNotFoundError, paths.CheckpointNotFound, params_io.ParamsIOError)
+
+
+@contextlib.contextmanager
+def one_line_errors(what: str):
+  """Bad input ends the command with one line on stderr and exit status 1, not a traceback."""
+  try:
+    yield
+  except INPUT_ERRORS as e:
+    print(f"[{what}] ERROR: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter

@@ -28,10 +28,16 @@ import json
 import os
 from typing import Mapping
 
+import jax
 import numpy as np
+from absl import app, flags
+from flax import linen as nn
+from ml_collections import config_flags
 
-from bagpiper_jax.convert import audio_tower, params_io, rules as rules_lib, streaming
+from bagpiper_jax import backends, paths
+from bagpiper_jax.convert import audio_tower, cli_util, params_io, rules as rules_lib, streaming, vllm_config
 from bagpiper_jax.convert.safetensors_io import SafetensorsReader
+from bagpiper_jax.model.audio_encoder import AudioEncoder
 from bagpiper_jax.model.config import ModelConfig
 
 OMNI_TOWER_PREFIXES = ("thinker.audio_tower.", "audio_tower.", "")
@@ -89,10 +95,9 @@ def _audio_config(d: Mapping) -> Mapping | None:
 
 
 def check_audio_config(hf: Mapping, cfg: ModelConfig, where: str) -> None:
-  from bagpiper_jax.convert.release import _HF_AUDIO_FIELDS  # pylint: disable=g-import-not-at-top
   enc = cfg.audio_encoder
   bad = [f"{k}: {where} has {hf[k]!r}, model config audio_encoder.{ours} is {getattr(enc, ours)!r}"
-         for k, ours in _HF_AUDIO_FIELDS.items() if k in hf and hf[k] != getattr(enc, ours)]
+         for k, ours in vllm_config.HF_AUDIO_FIELDS.items() if k in hf and hf[k] != getattr(enc, ours)]
   if bad:
     raise ValueError(f"audio tower config {where} does not match the model config:\n  " + "\n  ".join(bad))
 
@@ -236,9 +241,6 @@ def _check_tower(tower: SafetensorsReader, t_rules, prefix: str) -> None:
 
 def _random_encoder(cfg: ModelConfig, expected, tree: dict, seed: int) -> None:
   """Encoder leaves from Bagpiper's own initialisers (no public weights given)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.model.audio_encoder import AudioEncoder  # pylint: disable=g-import-not-at-top
   enc = cfg.audio_encoder
   pdt = np.dtype(cfg.param_dtype)
   mel = np.zeros((1, enc.chunks_per_window, enc.num_mel_bins, enc.chunk_frames), np.float32)
@@ -284,8 +286,6 @@ def hf_init(cfg: ModelConfig, qwen3_path: str, out_dir: str, *, audio_tower_path
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "model config file, e.g. configs/bagpiper_8b.py",
                                   lock_config=False)
   flags.DEFINE_string("qwen3", None, "Qwen3 checkpoint: directory of *.safetensors (+ config.json)")
@@ -301,20 +301,22 @@ def _define_flags():
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.convert import cli_util  # pylint: disable=g-import-not-at-top
+  backends.skip_tpu_probe_without_tpu()
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   cli_util.tune_malloc()
   if not FLAGS.audio_tower and not FLAGS.random_audio_tower:
-    raise SystemExit("--audio_tower is required (pass --random_audio_tower to initialise it randomly)")
-  cfg = cli_util.model_config_from_flag(FLAGS.config)
-  item = hf_init(cfg, FLAGS.qwen3, FLAGS.out, audio_tower_path=FLAGS.audio_tower, seed=FLAGS.seed,
-                 tower_prefix=FLAGS.audio_tower_prefix)
+    raise app.UsageError("--audio_tower is required (pass --random_audio_tower to initialise it randomly)")
+  with cli_util.one_line_errors("hf_init"):
+    cfg = cli_util.model_config_from_flag(FLAGS.config)
+    qwen3, tower, out = (paths.resolve(p) for p in (FLAGS.qwen3, FLAGS.audio_tower, FLAGS.out))
+    for flag, p in (("--qwen3", qwen3), ("--audio_tower", tower)):
+      if p and not os.path.exists(p):
+        raise FileNotFoundError(f"{flag} {p}: no such file or directory")
+    item = hf_init(cfg, qwen3, out, audio_tower_path=tower, seed=FLAGS.seed, tower_prefix=FLAGS.audio_tower_prefix)
   print(f"[hf_init] wrote {item}", flush=True)
   cli_util.report_peak_rss("hf_init")
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(main)

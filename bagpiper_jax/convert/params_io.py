@@ -15,7 +15,9 @@ Streaming (the 8B model is 36 GB in fp32; conversions must run on a 24 GB host):
   * write: a leaf may be a `LazyArray` (shape, dtype, and a generator of blocks). A dedicated Orbax
     TypeHandler writes its blocks one at a time into the leaf's zarr array, whose chunks are the
     block shape (one layer slice for scanned leaves), and records it as an ordinary `np.ndarray`
-    leaf, so restoring needs nothing special.
+    leaf, so restoring needs nothing special. Only public Orbax API is used (`ocp.type_handlers`,
+    `ocp.future`); the one convention copied from Orbax's own NumpyHandler (which process writes
+    and under which OCDBT process subdirectory) is isolated in `_ocdbt_process_index`.
   * read: `ParamsReader` opens each leaf's zarr array with TensorStore and reads one leaf or one
     layer slice, without the cache (a read allocates exactly its result, plus the chunks in flight).
 """
@@ -32,11 +34,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
-from orbax.checkpoint._src.futures import future as ocp_future
-from orbax.checkpoint._src.serialization import ocdbt_utils
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-from orbax.checkpoint._src.serialization import type_handler_registry
-from orbax.checkpoint._src.serialization import type_handlers
 
 from bagpiper_jax import paths
 from bagpiper_jax.model.config import ModelConfig
@@ -146,7 +143,18 @@ def _rows_per_block(shape, dtype, max_block_bytes: int) -> int:
   return max(1, min(shape[0], max_block_bytes // max(row, 1)))
 
 
-class _LazyArrayHandler(type_handlers.NumpyHandler):
+def _ocdbt_process_index(use_ocdbt: bool) -> int | None:
+  """The OCDBT per-process subdirectory index a writer uses, as Orbax's NumpyHandler chooses it.
+
+  orbax-checkpoint 0.12.8 has no public accessor for this (`ocdbt_utils.get_process_index_for_subdir`
+  is private): with OCDBT each process writes under its own index, merged at the end of the save;
+  without OCDBT there is none. tests/test_convert_params_io.py restores what we write with the
+  stock StandardCheckpointer, so a changed convention fails there, loudly, on upgrade.
+  """
+  return jax.process_index() if use_ocdbt else None
+
+
+class _LazyArrayHandler(ocp.type_handlers.NumpyHandler):
   """Writes LazyArray leaves sequentially, block by block; metadata says 'np.ndarray'."""
 
   def __init__(self):
@@ -154,17 +162,18 @@ class _LazyArrayHandler(type_handlers.NumpyHandler):
 
   async def serialize(self, values, infos, args=None):
     args = args or [ocp.SaveArgs()] * len(values)
-    return [ocp_future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos, args),
+    return [ocp.future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos, args),
                                                              name="lazy_array_handler")]
 
   async def _write_all(self, values, infos, args):
     for value, info, arg in zip(values, infos, args):
       await info.await_path_creation()
-      spec = ts_utils.build_array_write_spec(
-          info=info, arg=arg, global_shape=value.shape, local_shape=value.block_shape,
-          dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
-          process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint))
-      t = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+      if jax.process_index() != 0:  # host arrays are written by the primary process (as NumpyHandler)
+        continue
+      spec = ocp.type_handlers.get_json_tspec_write(
+          info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape, local_shape=value.block_shape,
+          dtype=value.dtype, process_index=_ocdbt_process_index(info.is_ocdbt_checkpoint), arg=arg)
+      t = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
       covered = 0
       for index, block in value.blocks():
         block = np.asarray(block, value.dtype)
@@ -178,9 +187,17 @@ class _LazyArrayHandler(type_handlers.NumpyHandler):
 
 
 def _registry():
-  return type_handler_registry.create_type_handler_registry(
-      *type_handler_registry._DEFAULT_TYPE_HANDLERS,  # pylint: disable=protected-access
-      (LazyArray, _LazyArrayHandler()))
+  """Handlers for the leaves save_params takes: LazyArray, numpy and jax arrays, scalars.
+
+  A registry of our own (public `create_type_handler_registry`) rather than Orbax's global one: the
+  LazyArray handler shares the typestr 'np.ndarray' with NumpyHandler, so it must not replace it
+  globally. NumpyHandler comes last, so a typestr lookup (restore) resolves to it.
+  """
+  th = ocp.type_handlers
+  return th.create_type_handler_registry(
+      (LazyArray, _LazyArrayHandler()), (jax.Array, th.ArrayHandler()),
+      (int, th.ScalarHandler()), (float, th.ScalarHandler()), (np.number, th.ScalarHandler()),
+      (np.ndarray, th.NumpyHandler()))
 
 
 def save_params(path: str, params: Mapping, model_config: ModelConfig | None = None) -> str:
@@ -193,8 +210,7 @@ def save_params(path: str, params: Mapping, model_config: ModelConfig | None = N
   if os.path.exists(item):
     raise ParamsIOError(f"{item} already exists; refusing to overwrite (choose a new output dir)")
   os.makedirs(path, exist_ok=True)
-  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry())
-  with ocp.Checkpointer(handler) as ckptr:
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=_registry())) as ckptr:
     ckptr.save(item, args=ocp.args.PyTreeSave(dict(params)))
   if model_config is not None:
     write_model_config(path, model_config)
@@ -229,22 +245,25 @@ def resolve_params_dir(path: str, step: int | None = None) -> str:
   return ref.params_dir
 
 
+def read_run_config(path: str) -> dict | None:
+  """The training run's config (a checkpoint's `config` item, as JSON), or None for a params dir."""
+  fn = os.path.join(os.path.dirname(resolve_params_dir(path)), "config", "metadata")
+  if not os.path.isfile(fn):
+    return None
+  with open(fn) as f:
+    return json.load(f)
+
+
 def read_model_config(path: str) -> ModelConfig | None:
   """The ModelConfig stored next to the params (model_config.json, or a training checkpoint's
   `config` item), or None if there is none."""
-  item = resolve_params_dir(path)
-  step_dir = os.path.dirname(item)
-  candidates = [(os.path.join(step_dir, MODEL_CONFIG_FILE), None),
-                (os.path.join(step_dir, "config", "metadata"), "model")]
-  for fn, key in candidates:
-    if os.path.isfile(fn):
-      with open(fn) as f:
-        d = json.load(f)
-      if key is not None:
-        if key not in d:
-          continue
-        d = d[key]
-      return ModelConfig.from_dict(d)
+  fn = os.path.join(os.path.dirname(resolve_params_dir(path)), MODEL_CONFIG_FILE)
+  if os.path.isfile(fn):
+    with open(fn) as f:
+      return ModelConfig.from_dict(json.load(f))
+  run = read_run_config(path)
+  if run is not None and "model" in run:
+    return ModelConfig.from_dict(run["model"])
   return None
 
 
@@ -281,8 +300,7 @@ class ParamsReader:
   def __init__(self, path: str, band_bytes: int = 2 * 2**30):
     self.band_bytes = int(band_bytes)
     self.item = resolve_params_dir(path)
-    with open(os.path.join(self.item, "_METADATA")) as f:
-      meta = json.load(f)
+    meta = json.loads((epath.Path(self.item) / "_METADATA").read_text())
     self._use_ocdbt = bool(meta.get("use_ocdbt", True))
     self._use_zarr3 = bool(meta.get("use_zarr3", False))
     # No chunk cache (a read allocates its result only); OCDBT B-tree nodes may be cached (small).
@@ -298,11 +316,10 @@ class ParamsReader:
     if path not in self._stores:
       if path not in self.paths:
         raise ParamsIOError(f"{self.item}: no parameter {'/'.join(path)}")
-      spec = {
-          "driver": "zarr3" if self._use_zarr3 else "zarr",
-          "kvstore": ts_utils.build_kvstore_tspec(self.item, name=".".join(path), use_ocdbt=self._use_ocdbt),
-          "recheck_cached_data": False, "recheck_cached_metadata": False,
-      }
+      info = ocp.type_handlers.ParamInfo(name=".".join(path), parent_dir=epath.Path(self.item),
+                                         is_ocdbt_checkpoint=self._use_ocdbt, use_zarr3=self._use_zarr3,
+                                         ts_context=self._context)
+      spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
       self._stores[path] = ts.open(spec, open=True, read=True, context=self._context).result()
     return self._stores[path]
 

@@ -95,7 +95,9 @@ class SafetensorsReader(TensorIndex):
   `get(name)` reads exactly one tensor into fresh memory. Only headers are read up front.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, extra_files: Sequence[str] = ()):
+    """`extra_files`: further .safetensors files to read besides the checkpoint's (e.g. a release's
+    espnet_buffers.safetensors, which its index deliberately does not list)."""
     self.path = path
     if os.path.isfile(path):
       files = [path]
@@ -115,7 +117,7 @@ class SafetensorsReader(TensorIndex):
     else:
       raise FileNotFoundError(f"{path}: no such file or directory")
     self.tensors: dict[str, TensorInfo] = {}
-    for fn in files:
+    for fn in list(files) + list(extra_files):
       for name, info in read_header(fn).items():
         if name in self.tensors:
           raise ValueError(f"tensor {name} appears in both {self.tensors[name].file} and {fn}")
@@ -225,3 +227,15 @@ def write_sharded(out_dir: str, plan: Sequence[PlannedTensor], arrays: Iterable[
   with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
     json.dump(index, f, indent=2)
   return index
+
+
+def write_file(path: str, tensors: Sequence[tuple[str, np.ndarray]],
+               metadata: Mapping[str, str] | None = None) -> None:
+  """One small .safetensors file holding `tensors` (written through a temporary name)."""
+  arrays = [(n, np.ascontiguousarray(x)) for n, x in tensors]
+  plan = [PlannedTensor(n, tuple(x.shape), x.dtype) for n, x in arrays]
+  with open(path + ".tmp", "wb") as f:
+    f.write(_header_bytes(plan, {"format": "pt", **(metadata or {})}))
+    for _, x in arrays:
+      f.write(memoryview(x.reshape(-1).view(np.uint8)))
+  os.replace(path + ".tmp", path)

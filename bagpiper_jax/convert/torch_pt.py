@@ -163,7 +163,7 @@ class _Stub:
     self.key, self.t = key, t
 
   def __reduce_ex__(self, protocol):
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top  (optional PyTorch peer, only to pickle/write .pt)
     shape = tuple(self.t.shape)
     stride = tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape)))
     return (torch._utils._rebuild_tensor_v2,  # pylint: disable=protected-access
@@ -177,7 +177,7 @@ class _StubStorage:
 
 def write_module_pt(path: str, plan: Sequence[PlannedTensor], arrays: Iterable[tuple[str, np.ndarray]]) -> None:
   """Writes `{"module": OrderedDict(name -> tensor)}`, one tensor in memory at a time."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  (optional PyTorch peer, only to write .pt)
 
   for t in plan:
     if np.dtype(t.dtype) not in _STORAGE_NAMES:

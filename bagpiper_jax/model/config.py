@@ -115,6 +115,12 @@ class ModelConfig:
   def codec_id(self, stream: int, code):
     return self.codec_start + stream * self.codec_block + 1 + code
 
+  @property
+  def codec_loss_weight(self) -> float:
+    """Loss weight of a codec target (any stream, pads included): 1 / num_streams, so an audio row
+    weighs as much as one text token (docs/model.md#loss); text and special targets weigh 1."""
+    return 1.0 / self.num_streams
+
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
     d = dict(d.to_dict() if hasattr(d, "to_dict") else d)

@@ -4,6 +4,11 @@ For stream n, logits_n = lm_head(h + stream_emb[n]) = h @ W + stream_emb[n] @ W.
 linear without bias, so one [chunk, V] matmul serves all 8 streams: the per-stream part is an
 [8, V] offset computed once. Stream 0 takes the full softmax; streams 1..7 a softmax over the
 codec range [codec_start, vocab). Each chunk is rematerialised in the backward pass.
+
+A stream-0 target equal to <|pad|> (0) is never trained, as the reference's `ignore_index=0`
+(docs/model.md#loss): such a cell adds nothing to the CE, z-loss or per-stream sums, but its position
+still counts in the denominator (stream-0 positions with a nonzero weight). Raw text id 0 becomes such a
+target under the reference's text mapping (bagpiper_jax.tokenizer.to_unified).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bagpiper_jax.model.config import ModelConfig
+from bagpiper_jax.model.config import PAD, ModelConfig
 
 
 def shift_targets(input_ids, loss_weights, segment_ids):
@@ -58,7 +63,9 @@ def multistream_loss_sums(h, lm_kernel, stream_offsets, targets, weights, cfg: M
     ce_c = lse_c - tgt_c
     ce = jnp.concatenate([ce0[..., None], ce_c], axis=-1)  # [B, C, S]
     lse = jnp.concatenate([lse0[..., None], lse_c], axis=-1)
-    w = w_c.astype(jnp.float32)
+    w_in = w_c.astype(jnp.float32)
+    # ignore_index=0 on stream 0: no CE / z term for a pad target; the count below keeps it.
+    w = jnp.concatenate([jnp.where(t_c[..., 0:1] == PAD, 0.0, w_in[..., 0:1]), w_in[..., 1:]], axis=-1)
     is_codec0 = (t_c[..., 0] >= cs)
     audio_w = jnp.concatenate([jnp.where(is_codec0, w[..., 0], 0.0)[..., None], w[..., 1:]], axis=-1)
     return {
@@ -69,7 +76,7 @@ def multistream_loss_sums(h, lm_kernel, stream_offsets, targets, weights, cfg: M
         "text_weight": jnp.sum(jnp.where(is_codec0, 0.0, w[..., 0])),
         "audio_ce": jnp.sum(audio_w * ce),
         "audio_weight": jnp.sum(audio_w),
-        "count0": jnp.sum((w[..., 0] > 0).astype(jnp.float32)),
+        "count0": jnp.sum((w_in[..., 0] > 0).astype(jnp.float32)),
     }
 
   one_chunk = jax.checkpoint(one_chunk, prevent_cse=False)
