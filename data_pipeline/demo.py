@@ -54,7 +54,7 @@ from data_pipeline import writer
 
 SR = 16_000
 DEFAULT_NUM_CLIPS = 240
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: normalised log-mel, codec framing as the reference (issue 10)
 DEMO_VOCAB_SIZE = 512
 EVAL_EVERY = 10  # clip i goes to eval when i % EVAL_EVERY == EVAL_EVERY - 1
 DATASET = "bagpiper_demo_synth"

@@ -115,10 +115,8 @@ def test_no_import_cycles():
   assert not cycles, cycles
 
 
-# Modules whose imports are being reworked on other branches (convert/: the release work; launch/:
-# the performance work). Strict: once fixed, the xfail turns into a failure and the entry must go.
-_IN_FLIGHT = {"bagpiper_jax.convert.hf_init", "bagpiper_jax.convert.params_io", "bagpiper_jax.convert.release",
-              "launch.aot_compile", "launch.child", "launch.topology"}
+# Modules whose imports are being reworked on another branch (launch/: the performance work). Strict: once fixed, the xfail turns into a failure and the entry must go.
+_IN_FLIGHT = {"launch.aot_compile", "launch.child", "launch.topology"}
 
 
 @pytest.mark.parametrize("module", [

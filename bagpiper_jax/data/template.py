@@ -90,7 +90,7 @@ def template_example(example: Mapping[str, Any], cfg: mc.ModelConfig, *,
   audio_rows = np.full((total,), -1, np.int32)
   mels, lens = [], []
   windows = 0
-  codec_weight = 1.0 / s_count
+  codec_weight = cfg.codec_loss_weight
   pad_ids = np.array([cfg.codec_pad_id(n) for n in range(s_count)], np.int32)
   code_base = pad_ids + 1  # codec_id(n, c) = codec_pad_id(n) + 1 + c
 
