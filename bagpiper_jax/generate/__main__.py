@@ -117,6 +117,8 @@ class Session:
     ans = outputs.interpret(out, self.loaded.cfg, self.tokenizer)
     res = {"id": req.id, "text": ans.text, "thinking": ans.thinking, "answer": ans.answer,
            "segments": ans.segments, "audio": None, "frames": 0, "seconds": 0.0, "notes": [], "error": None}
+    if ans.unknown_ids:
+      res["notes"].append(f"{ans.unknown_ids} text ids beyond the tokenizer's vocabulary were dropped")
     if ans.invalid_cells:
       res["notes"].append(f"{ans.invalid_cells} codec cells were pads inside frames (decoded as code 0)")
     if ans.codes is not None:

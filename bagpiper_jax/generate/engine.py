@@ -551,25 +551,30 @@ class Generator:
 
   # ---- public ----
 
-  def generate(self, prompts: Sequence[Prompt], *, progress: Optional[Callable[[int, int], None]] = None
-               ) -> list[Output]:
-    """Decodes `prompts` in batches of at most `max_batch`; outputs in order."""
+  def generate(self, prompts: Sequence[Prompt], *, params=None,
+               progress: Optional[Callable[[int, int], None]] = None) -> list[Output]:
+    """Decodes `prompts` in batches of at most `max_batch`; outputs in order.
+
+    `params` replaces the generator's parameters for this call (e.g. the training state's, which
+    already have the mesh's shardings).
+    """
     for i, p in enumerate(prompts):
       self.check_prompt(p, f"request {i}")
+    params = self.params if params is None else self._place_params(params)
     out: list[Output] = []
     for lo in range(0, len(prompts), self.max_batch):
       chunk = list(prompts[lo:lo + self.max_batch])
-      out += self._generate_batch(chunk)
+      out += self._generate_batch(chunk, params)
       if progress is not None:
         progress(len(out), len(prompts))
     return out
 
-  def _generate_batch(self, prompts: Sequence[Prompt]) -> list[Output]:
+  def _generate_batch(self, prompts: Sequence[Prompt], params) -> list[Output]:
     shape = self._shape(prompts)
     batch, meta = self._host_batch(prompts, shape)
     batch = {k: self._replicated(v) for k, v in batch.items()}
     meta = {k: self._replicated(v) for k, v in meta.items()}
-    res = jax.device_get(self._program(shape)(self.params, batch, meta))
+    res = jax.device_get(self._program(shape)(params, batch, meta))
     return [parse_rows(res["rows"][i], res["flags"][i], int(res["count"][i]), p.length)
             for i, p in enumerate(prompts)]
 

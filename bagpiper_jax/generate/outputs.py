@@ -30,15 +30,28 @@ class Answer:
   codes: Optional[np.ndarray]  # [T, 8] of all audio segments, in order; None if none
   invalid_cells: int  # codec cells that were not their stream's codes (pads inside frames)
   segments: list[dict]  # per segment: modality, end, rows
+  unknown_ids: int = 0  # text ids beyond the tokenizer's vocabulary (dropped)
+
+
+def decode_text(tokenizer, unified_ids) -> tuple[str, int]:
+  """(text, ids the tokenizer does not have). A model's text range can be wider than its tokenizer
+  (configs/tiny.py: 1,024 text ids, a 512-piece demo tokenizer); such ids are dropped and counted.
+  Without a tokenizer the ids are written out."""
+  ids = from_unified(unified_ids)
+  if tokenizer is None:
+    return " ".join(map(str, ids)), 0
+  known = [i for i in ids if i < tokenizer.vocab_size]
+  return tokenizer.decode(known), len(ids) - len(known)
 
 
 def interpret(out: engine.Output, cfg: ModelConfig, tokenizer) -> Answer:
-  texts, codes, invalid, summary = [], [], 0, []
+  texts, codes, invalid, summary, unknown = [], [], 0, [], 0
   for seg in out.segments:
     summary.append({"modality": seg.modality, "end": seg.end, "rows": int(seg.rows.shape[0])})
     if seg.modality == "text":
-      ids = from_unified(seg.rows[:, 0])
-      texts.append(tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids)))
+      text, bad = decode_text(tokenizer, seg.rows[:, 0])
+      texts.append(text)
+      unknown += bad
     else:
       c, bad = engine.segment_codes(seg, cfg)
       invalid += bad
@@ -46,7 +59,7 @@ def interpret(out: engine.Output, cfg: ModelConfig, tokenizer) -> Answer:
         codes.append(c)
   text = "\n".join(texts)
   thinking, answer = template.split_thinking(text)
-  return Answer(text, thinking, answer, np.concatenate(codes) if codes else None, invalid, summary)
+  return Answer(text, thinking, answer, np.concatenate(codes) if codes else None, invalid, summary, unknown)
 
 
 class WavWriter:
@@ -63,7 +76,11 @@ class WavWriter:
 
   def write(self, codes: np.ndarray, path: str) -> float:
     """Writes the decoded codes to `path`; returns the seconds written."""
-    wav = self.waveform(codes)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sf.write(path, np.clip(wav, -1.0, 1.0), codec_lib.SAMPLE_RATE, subtype="PCM_16")
-    return wav.shape[0] / codec_lib.SAMPLE_RATE
+    return write_wav(path, self.waveform(codes))
+
+
+def write_wav(path: str, wav: np.ndarray) -> float:
+  """16 kHz mono 16-bit PCM WAV; returns its seconds."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  sf.write(path, np.clip(wav, -1.0, 1.0), codec_lib.SAMPLE_RATE, subtype="PCM_16")
+  return wav.shape[0] / codec_lib.SAMPLE_RATE
