@@ -216,7 +216,7 @@ class Generator:
     self.max_cache_len, self.prompt_bucket = int(max_cache_len), int(prompt_bucket)
     self.batch_multiple = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     self.max_batch = _round_up(max(1, int(max_batch)), self.batch_multiple)
-    self.params = self._place_params(params)
+    self.params = None if params is None else self._place_params(params)  # None: AOT compilation only
     self._compiled: dict[_Shape, Callable] = {}
 
   # ---- placement ----
@@ -487,18 +487,26 @@ class Generator:
     return new
 
   def _reset_uncond(self, shape: _Shape, slot, kv, reset, start, k_pad, v_pad):
-    """Unconditional rows of `reset` rows := the all-pad context over their slots [start, slot]."""
+    """Unconditional rows of `reset` rows := the all-pad context over their slots [start, slot].
+
+    One layer at a time, in place: the temporary is one layer's half cache, not the whole half.
+    """
     b, s = shape.batch, shape.cache
     slots = jnp.arange(s, dtype=jnp.int32)
     rel = slots[None] - start[:, None]  # [B, S]: the position a slot holds
     src = jnp.clip(rel, 0, s - 1)
-    use = reset[:, None] & (rel >= 0) & (slots[None] <= slot)
-    out = []
-    for cache, pad in zip(kv, (k_pad, v_pad)):
-      picked = jnp.take(pad[:, 0], src, axis=1)  # [layers, B, S, K, D]
-      unc = jnp.where(use[None, :, :, None, None], picked.astype(cache.dtype), cache[:, b:])
-      out.append(cache.at[:, b:].set(unc))
-    return tuple(out)
+    use = (reset[:, None] & (rel >= 0) & (slots[None] <= slot))[:, :, None, None]
+
+    def layer(i, kv):
+      out = []
+      for cache, pad in zip(kv, (k_pad, v_pad)):
+        picked = jnp.take(pad[i, 0], src, axis=0).astype(cache.dtype)  # [B, S, K, D]
+        old = jax.lax.dynamic_index_in_dim(cache, i, axis=0, keepdims=False)[b:]
+        new = jnp.where(use, picked, old)
+        out.append(jax.lax.dynamic_update_slice(cache, new[None], (i, b, 0, 0, 0)))
+      return tuple(out)
+
+    return jax.lax.fori_loop(0, self.cfg.num_layers, layer, tuple(kv))
 
   def _audio_rows(self, shape: _Shape, logits, offsets, keys, st, iters_left):
     """Samples one audio row per batch row: (row [B, S], is its closer row, end row T, closer id, forced)."""
@@ -548,6 +556,41 @@ class Generator:
     closer_row = jnp.zeros_like(ids).at[:, 0].set(ids[:, 0])
     ids = jnp.where(is_closer[:, None], closer_row, ids)
     return ids, is_closer, new_end, new_closer, new_forced
+
+  # ---- ahead-of-time compilation (launch/aot_compile.py --decode) ----
+
+  def step_shape(self, *, batch: int, cache: int, use_cfg: bool, prompt: int = 128, max_segments: int = 2) -> _Shape:
+    return _Shape(batch=batch, prompt=prompt, windows=0, cache=cache, use_cfg=use_cfg, max_segments=max_segments)
+
+  def abstract_step(self, shape: _Shape):
+    """(jitted one-iteration step, abstract params, abstract loop state), all with their shardings on
+    the mesh and nothing allocated: `step.lower(params, state).compile()` is the program every decode
+    iteration runs (model step, cache write, sampling, bookkeeping)."""
+    cfg = self.cfg
+    abstract, logical = train_state.param_specs(cfg)
+    p_sh = sharding.logical_to_sharding(logical, abstract, self.mesh, log=False)
+    dt = jnp.dtype(cfg.dtype)
+    params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(
+        a.shape, dt if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, sharding=sh), abstract, p_sh)
+    b, pl = shape.batch, shape.prompt
+    batch = {"input_ids": jax.ShapeDtypeStruct((b, pl, cfg.num_streams), jnp.int32),
+             "loss_weights": jax.ShapeDtypeStruct((b, pl, cfg.num_streams), jnp.float32),
+             "segment_ids": jax.ShapeDtypeStruct((b, pl), jnp.int32),
+             "positions": jax.ShapeDtypeStruct((b, pl), jnp.int32)}
+    meta = {"start": (b,), "length": (b,), "n_enforced": (b,), "enforce": (b, shape.max_segments)}
+    meta = {k: jax.ShapeDtypeStruct(v, jnp.int32) for k, v in meta.items()}
+    meta.update(seeds=jax.ShapeDtypeStruct((b,), jnp.uint32), valid=jax.ShapeDtypeStruct((b,), jnp.bool_))
+    state = jax.eval_shape(functools.partial(self.prefill_state, shape), params, batch, meta)
+    rep = NamedSharding(self.mesh, PartitionSpec())
+    cache_sh = lambda x: sharding.logical_to_sharding(PartitionSpec(*CACHE_AXES), x, self.mesh, log=False)
+    st_sh = {k: (cache_sh(v) if k in ("k", "v", "k_pad", "v_pad") else rep) for k, v in state.items()}
+    state = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=st_sh[k]) for k, v in state.items()}
+
+    def step(p, st):
+      with train_step.mesh_rules(self.mesh):
+        return self.decode_step(shape, p, st)
+    fn = jax.jit(step, in_shardings=(p_sh, st_sh), out_shardings=st_sh, donate_argnums=(1,))
+    return fn, params, state
 
   # ---- public ----
 
