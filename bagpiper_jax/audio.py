@@ -113,7 +113,8 @@ def load_clip(path: str) -> tuple[np.ndarray, list[str]]:
   if channels is not None and channels > 1:
     notes.append(f"{path}: {channels} channels downmixed to mono")
   if wav.shape[0] < 2 * HOP_LENGTH:
-    raise AudioError(f"{path}: only {wav.shape[0]} samples at {SAMPLE_RATE} Hz; at least {2 * HOP_LENGTH} needed")
+    raise AudioError(f"{path}: only {wav.shape[0]} samples at {SAMPLE_RATE} Hz; at least "
+                     f"{2 * HOP_LENGTH} needed")
   return wav, notes
 
 

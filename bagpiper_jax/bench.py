@@ -156,7 +156,7 @@ def bench_generate(preset: str, *, batch: int, prompt_len: int, new_tokens: int,
   """
   import tempfile  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top  (optional PyTorch peer)
-  from transformers import Qwen3Config, Qwen3ForCausalLM  # pylint: disable=g-import-not-at-top  (optional peer)
+  from transformers import Qwen3Config, Qwen3ForCausalLM  # pylint: disable=g-import-not-at-top  (optional)
   from bagpiper_jax.convert import params_io, release, safetensors_io  # pylint: disable=g-import-not-at-top
   from bagpiper_jax.data import template  # pylint: disable=g-import-not-at-top
   from bagpiper_jax.generate import engine, loading  # pylint: disable=g-import-not-at-top
@@ -172,9 +172,10 @@ def bench_generate(preset: str, *, batch: int, prompt_len: int, new_tokens: int,
     src = safetensors_io.SafetensorsReader(os.path.join(tmp, "rel"))
     hf = Qwen3ForCausalLM(Qwen3Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=False,
-        attention_bias=False, max_position_embeddings=cfg.max_position_embeddings, attn_implementation="sdpa"))
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=False, attention_bias=False,
+        max_position_embeddings=cfg.max_position_embeddings, attn_implementation="sdpa"))
     hf.load_state_dict({k: torch.from_numpy(np.asarray(src.get(k), np.float32)) for k in hf.state_dict()})
     hf = hf.eval()
   rng = np.random.default_rng(0)
@@ -197,7 +198,8 @@ def bench_generate(preset: str, *, batch: int, prompt_len: int, new_tokens: int,
     jax_times.append(time.perf_counter() - t0)
   ours = np.stack([o.segments[0].rows[:, 0] for o in outs])
 
-  ids = torch.tensor(np.stack([np.concatenate([p.input_ids[:, 0], [mc.ASSISTANT, mc.TEXT]]) for p in prompts]))
+  ids = torch.tensor(np.stack([np.concatenate([p.input_ids[:, 0], [mc.ASSISTANT, mc.TEXT]])
+                               for p in prompts]))
   allowed = np.zeros(cfg.vocab_size, bool)
   allowed[cfg.num_specials:cfg.codec_start] = True
   kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
@@ -214,7 +216,8 @@ def bench_generate(preset: str, *, batch: int, prompt_len: int, new_tokens: int,
   j, t = tokens / min(jax_times), tokens / min(torch_times)
   print(f"preset {preset}: vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, layers {cfg.num_layers}, heads "
         f"{cfg.num_heads}/{cfg.num_kv_heads}x{cfg.head_dim}, fp32; {batch} prompts x {prompt_len + 6} rows, "
-        f"{new_tokens} new tokens each, greedy; {os.cpu_count()} cpus, torch {torch.get_num_threads()} threads")
+        f"{new_tokens} new tokens each, greedy; {os.cpu_count()} cpus, torch {torch.get_num_threads()} "
+        "threads")
   print(f"bagpiper_jax Generator          best {min(jax_times):.3f} s | {j:8.1f} tok/s (compile + first call "
         f"{compile_s:.1f} s)")
   print(f"transformers generate (KV cache) best {min(torch_times):.3f} s | {t:8.1f} tok/s")

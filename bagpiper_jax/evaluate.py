@@ -108,7 +108,8 @@ def read_attributes(caption: str, spec: Mapping[str, Any]) -> dict[str, Optional
       m = re.search(rule["capture"], caption, re.IGNORECASE)
       out[name] = m.group(1) if m else None
     else:
-      out[name] = next((v for v in rule["order"] if re.search(rule["values"][v], caption, re.IGNORECASE)), None)
+      out[name] = next((v for v in rule["order"] if re.search(rule["values"][v], caption, re.IGNORECASE)),
+                       None)
   return out
 
 
@@ -161,8 +162,11 @@ class DemoEvalSet:
                               "delete the demo directory and run the training command again)")
     with open(spec_path) as f:
       spec = json.load(f)
-    read = lambda split: [json.loads(l) for l in open(os.path.join(man, f"pretrain.{split}.jsonl")) if l.strip()]
-    rows = [dict(r, audio=os.path.normpath(os.path.join(man, r["audio"]))) for r in read("eval") if "attributes" in r]
+    def read(split):
+      with open(os.path.join(man, f"pretrain.{split}.jsonl")) as f:
+        return [json.loads(l) for l in f if l.strip()]
+    rows = [dict(r, audio=os.path.normpath(os.path.join(man, r["audio"])))
+            for r in read("eval") if "attributes" in r]
     return cls(rows, read("train"), spec)
 
 
@@ -187,8 +191,8 @@ def caption_scores(gen, cfg, tokenizer, data: DemoEvalSet, params=None) -> tuple
   wavs = [audio_lib.load_audio(r["audio"], start=r.get("start"), end=r.get("end"))[0] for r in data.rows]
   caps = caption_texts(gen, cfg, tokenizer, wavs, params)
   scores = score_captions([r["attributes"] for r in data.rows], caps, data.spec, majority(data.train_rows))
-  recs = [{"id": r["id"], "caption": r["rich_caption"], "generated": c,
-           "read": read_attributes(c, data.spec), "attributes": r["attributes"]} for r, c in zip(data.rows, caps)]
+  recs = [{"id": r["id"], "caption": r["rich_caption"], "generated": c, "read": read_attributes(c, data.spec),
+           "attributes": r["attributes"]} for r, c in zip(data.rows, caps)]
   return scores, recs
 
 
@@ -213,8 +217,8 @@ def cycle_scores(gen, cfg, tokenizer, writer, data: DemoEvalSet, params=None) ->
   caps = caption_texts(gen, cfg, tokenizer, wavs, params) if wavs else []
   for i, c in zip(keep, caps):
     recs[i]["generated"] = c
-  scores = score_captions([r["attributes"] for r in data.rows], [x.get("generated", "") for x in recs], data.spec,
-                          majority(data.train_rows))
+  scores = score_captions([r["attributes"] for r in data.rows], [x.get("generated", "") for x in recs],
+                          data.spec, majority(data.train_rows))
   scores["rendered"] = len(wavs)
   return scores, recs
 
@@ -309,7 +313,8 @@ def main(argv):
         raise SystemExit("no codec: pass --codec (the run's config has no sample.codec)")
       scores, recs = cycle_scores(gen, setup.cfg, tok, outputs.WavWriter(codec), data)
       report["cycle"] = {"scores": scores, "clips": recs}
-      print(format_scores(f"cycle caption -> audio -> caption ({scores['rendered']} rendered)", scores), flush=True)
+      print(format_scores(f"cycle caption -> audio -> caption ({scores['rendered']} rendered)", scores),
+            flush=True)
   if F.report:
     with open(paths.resolve(F.report), "w") as f:
       json.dump(report, f, indent=1, default=float)

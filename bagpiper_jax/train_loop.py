@@ -80,7 +80,8 @@ def make_data(config, setup: trainer.Setup):
     mk = lambda seed: SyntheticIterator(cfg, rows=rows, seq_len=int(config.data.seq_len),
                                         audio_windows=int(config.data.max_audio_windows), seed=seed,
                                         process_index=jax.process_index())
-    return mk(int(config.data.shuffle_seed)), {"synthetic": lambda: mk(10_000 + int(config.data.shuffle_seed))}
+    seed = int(config.data.shuffle_seed)
+    return mk(seed), {"synthetic": lambda: mk(10_000 + seed)}
   if not config.data.train_sources:
     raise RunError("config.data.train_sources is empty: give --config.data.train_sources or set "
                    "config.data.demo=True / config.data.synthetic=True")
@@ -214,10 +215,10 @@ class EvalAction(PeriodicAction):
     for name, r in per.items():
       self.writer.write(step, r, prefix=f"eval/{name}")
     if jax.process_index() == 0:
+      sources = ", ".join(f"{k} {float(r['loss']):.3f}" for k, r in per.items())
       print(f"eval step {step}: loss {float(ev['loss']):.4f} text {float(ev['text_loss']):.3f} "
             f"audio {float(ev['audio_loss']):.3f} ({ev['eval_steps']} batches, "
-            f"{ev['eval_time_s']:.1f} s); " + ", ".join(f"{k} {float(r['loss']):.3f}" for k, r in per.items()),
-            flush=True)
+            f"{ev['eval_time_s']:.1f} s); {sources}", flush=True)
     return {f"eval_{k}": v for k, v in ev.items()}
 
 

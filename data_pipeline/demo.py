@@ -82,7 +82,8 @@ SPEECH_LINES = (
 ATTRIBUTE_SPEC = {
     "version": 1,
     "attributes": {
-        "kind": {"order": ["speech", "clicks", "arpeggio", "chord", "tremolo", "vibrato", "chirp", "noise", "tone"],
+        "kind": {"order": ["speech", "clicks", "arpeggio", "chord", "tremolo", "vibrato", "chirp", "noise",
+                           "tone"],
                  "values": {"speech": r"\b(voice|speaking)\b", "clicks": r"\bclicks?\b",
                             "arpeggio": r"\barpeggio\b", "chord": r"\bchord\b", "tremolo": r"\btremolo\b",
                             "vibrato": r"\bvibrato\b", "chirp": r"\bsweep\b", "noise": r"\bnoise\b",

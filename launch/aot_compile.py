@@ -295,7 +295,8 @@ def run(config, topology: str, num_slices: int = 1, *, assumed_mfu: float = 0.4,
 HBM_BYTES_PER_S = {"v4": 1.2e12, "v5p": 2.765e12, "v5e": 0.819e12, "v6e": 1.64e12}  # per chip, vendor figures
 
 
-def compile_decode_step(config, topo: topology_lib.Topology, *, batch: int, cache_len: int, use_cfg: bool) -> dict:
+def compile_decode_step(config, topo: topology_lib.Topology, *, batch: int, cache_len: int,
+                        use_cfg: bool) -> dict:
   """Compiles one decode iteration for `topo`; reports per-chip memory and the HBM-bandwidth-bound step
   time: (decoder weights the step multiplies + KV cache) bytes per chip / HBM bandwidth. Embedding rows
   are gathered (8 per token) and the audio tower is unused, so neither counts."""
@@ -321,14 +322,15 @@ def compile_decode_step(config, topo: topology_lib.Topology, *, batch: int, cach
 
 
 def format_decode_report(r: dict) -> str:
-  m = r["memory"]
-  return (f"decode step on {r['topology']}, mesh {r['mesh']}: batch {r['batch']} x cache {r['cache_len']}"
-          f"{' + CFG branch (' + str(r['cache_rows']) + ' cache rows)' if r['cfg_branch'] else ''}; compile "
-          f"{r['compile_s']:.0f} s\n  per chip: arguments {_gib(m['arguments']).strip()}, temps "
-          f"{_gib(m['temps']).strip()}, total {_gib(m['total']).strip()} of {_gib(m['hbm']).strip()} HBM "
-          f"({'fits' if m['fits'] else 'DOES NOT FIT'})\n  per step and chip: weights {_gib(r['weight_bytes_per_chip']).strip()}"
-          f" + KV cache {_gib(r['cache_bytes_per_chip']).strip()} -> >= {1e3 * r['hbm_step_time_s']:.2f} ms at HBM "
-          f"bandwidth = <= {r['hbm_tokens_per_s']:,.0f} tokens/s")
+  m, g = r["memory"], lambda x: _gib(x).strip()
+  cfg = f" + CFG branch ({r['cache_rows']} cache rows)" if r["cfg_branch"] else ""
+  return (f"decode step on {r['topology']}, mesh {r['mesh']}: batch {r['batch']} x cache "
+          f"{r['cache_len']}{cfg}; compile {r['compile_s']:.0f} s\n"
+          f"  per chip: arguments {g(m['arguments'])}, temps {g(m['temps'])}, total {g(m['total'])} of "
+          f"{g(m['hbm'])} HBM ({'fits' if m['fits'] else 'DOES NOT FIT'})\n"
+          f"  per step and chip: weights {g(r['weight_bytes_per_chip'])} + KV cache "
+          f"{g(r['cache_bytes_per_chip'])} -> >= {1e3 * r['hbm_step_time_s']:.2f} ms at HBM bandwidth = "
+          f"<= {r['hbm_tokens_per_s']:,.0f} tokens/s")
 
 
 def main(argv):

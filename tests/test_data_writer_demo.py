@@ -152,4 +152,5 @@ def test_attributes_read_back_from_the_true_captions(tmp_path):
   # A caption of another clip scores lower; a caption that states nothing scores 0.
   shifted = [r["rich_caption"] for r in rows[1:] + rows[:1]]
   assert evaluate.score_captions([r["attributes"] for r in rows], shifted, data.spec, {})["accuracy"] < 0.7
-  assert evaluate.score_captions([r["attributes"] for r in rows], [""] * len(rows), data.spec, {})["accuracy"] == 0
+  empty = evaluate.score_captions([r["attributes"] for r in rows], [""] * len(rows), data.spec, {})
+  assert empty["accuracy"] == 0

@@ -88,9 +88,10 @@ def test_demo_checkpoint_captions_a_heldout_clip_and_renders_a_wav(tmp_path):
   params = params_io.load_params(ref.step_dir, setup.layout.abstract_state.params)
   data = evaluate.DemoEvalSet.load(demo_dir)
   data.rows = data.rows[:2]
-  gen = engine.Generator(setup.cfg, params, mesh=setup.mesh, max_cache_len=512, settings=engine.DecodeSettings(
-      text=engine.SegmentSettings(temperature=0.0, top_k=1, max_steps=24)))
-  scores, recs = evaluate.caption_scores(gen, setup.cfg, tokenizer_lib.load_tokenizer(files["tokenizer"]), data)
+  greedy = engine.DecodeSettings(text=engine.SegmentSettings(temperature=0.0, top_k=1, max_steps=24))
+  gen = engine.Generator(setup.cfg, params, mesh=setup.mesh, max_cache_len=512, settings=greedy)
+  tok = tokenizer_lib.load_tokenizer(files["tokenizer"])
+  scores, recs = evaluate.caption_scores(gen, setup.cfg, tok, data)
   assert scores["clips"] == 2 and scores["items"] >= 4 and 0.0 <= scores["accuracy"] <= 1.0
   assert 0.0 <= scores["chance"] <= 1.0 and len(recs) == 2 and all("read" in r for r in recs)
 
@@ -99,8 +100,8 @@ def test_demo_checkpoint_captions_a_heldout_clip_and_renders_a_wav(tmp_path):
 def test_readme_model_generate_and_evaluate_commands(tmp_path):
   """The README's commands in order: train (200 steps), generate, evaluate (~15 min on 2 cores)."""
   wd = tmp_path / "workdirs" / "tiny"
-  p = subprocess.run([sys.executable, "-m", "bagpiper_jax.train", "--config=configs/tiny.py", f"--workdir={wd}"],
-                     cwd=REPO, env=_env(), capture_output=True, text=True, timeout=3600)
+  p = subprocess.run([sys.executable, "-m", "bagpiper_jax.train", "--config=configs/tiny.py",
+                      f"--workdir={wd}"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=3600)
   assert p.returncode == 0, p.stderr[-4000:]
   assert os.path.isfile(wd / "samples" / "step_200" / "samples.jsonl")
   demo_dir = tmp_path / "workdirs" / "demo_data"
@@ -109,12 +110,13 @@ def test_readme_model_generate_and_evaluate_commands(tmp_path):
                       f"--audio={demo_dir / 'manifests' / clip['audio']}"],
                      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
   assert p.returncode == 0 and "[caption] segments text:" in p.stdout, p.stdout + p.stderr[-3000:]
-  p = subprocess.run([sys.executable, "-m", "bagpiper_jax.generate", f"--ckpt={wd}", "--caption=A loud 440 Hz tone.",
-                      f"--out={tmp_path / 'tone.wav'}"], cwd=REPO, env=_env(), capture_output=True, text=True,
-                     timeout=900)
+  p = subprocess.run([sys.executable, "-m", "bagpiper_jax.generate", f"--ckpt={wd}",
+                      "--caption=A loud 440 Hz tone.", f"--out={tmp_path / 'tone.wav'}"],
+                     cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
   assert p.returncode == 0 and os.path.isfile(tmp_path / "tone.wav"), p.stdout + p.stderr[-3000:]
-  p = subprocess.run([sys.executable, "-m", "bagpiper_jax.evaluate", f"--ckpt={wd}", f"--report={tmp_path / 'r.json'}"],
-                     cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1800)
+  p = subprocess.run([sys.executable, "-m", "bagpiper_jax.evaluate", f"--ckpt={wd}",
+                      f"--report={tmp_path / 'r.json'}"], cwd=REPO, env=_env(), capture_output=True,
+                     text=True, timeout=1800)
   assert p.returncode == 0, p.stdout + p.stderr[-3000:]
   rep = json.load(open(tmp_path / "r.json"))
   assert set(rep) >= {"loss", "captions", "cycle"} and rep["captions"]["scores"]["clips"] >= 20

@@ -32,10 +32,12 @@ def test_audio_inputs(tmp_path):
   ok = _build(tmp_path, req_lib.Request(id="a", audio=_wav(tmp_path / "a.wav", 1.0)))
   assert ok.task == "caption" and ok.notes == [] and ok.prompt.enforce == ("text",)
   assert ok.prompt.windows == 1 and ok.prompt.input_ids[0, 0] == 1  # <|bos|>
-  stereo = _build(tmp_path, req_lib.Request(id="b", audio=_wav(tmp_path / "b.wav", 1.0, sr=44100, channels=2)))
+  stereo = _build(tmp_path, req_lib.Request(id="b", audio=_wav(tmp_path / "b.wav", 1.0, sr=44100,
+                                                               channels=2)))
   assert any("resampled 44100 Hz -> 16000 Hz" in n for n in stereo.notes), stereo.notes
   assert any("2 channels downmixed to mono" in n for n in stereo.notes), stereo.notes
-  with pytest.raises(req_lib.RequestError, match=r"lasts 9.0 s and needs 2 encoder windows of 8 s; the limit is 1"):
+  with pytest.raises(req_lib.RequestError,
+                     match=r"lasts 9.0 s and needs 2 encoder windows of 8 s; the limit is 1"):
     _build(tmp_path, req_lib.Request(id="c", audio=_wav(tmp_path / "c.wav", 9.0)))
   empty = tmp_path / "empty.wav"
   sf.write(str(empty), np.zeros(0), 16000)
@@ -67,13 +69,15 @@ def test_prompt_longer_than_the_cache_and_checkpoint_of_another_size(tmp_path):
   params = random_params(cfg)
   gen = engine.Generator(cfg, params, max_cache_len=64)
   arrays = {"input_ids": np.zeros((70, 8), np.int32), "audio_rows": np.full(70, -1, np.int32),
-            "audio_mel": np.zeros((0, 8, 128, 100), np.float32), "audio_chunk_lens": np.zeros((0, 8), np.int32)}
-  with pytest.raises(engine.GenerateError, match=r"request 0: the prompt has 70 rows, more than the cache of 64"):
+            "audio_mel": np.zeros((0, 8, 128, 100), np.float32),
+            "audio_chunk_lens": np.zeros((0, 8), np.int32)}
+  with pytest.raises(engine.GenerateError,
+                     match=r"request 0: the prompt has 70 rows, more than the cache of 64"):
     gen.generate([engine.Prompt.from_template(arrays, ("text",))])
   ckpt = params_io.save_params(str(tmp_path / "ckpt"), jax.device_get(params), cfg)
   bigger = dataclasses.replace(cfg, hidden_size=64, num_layers=3)
-  with pytest.raises(engine.GenerateError, match=r"another model than --config.*\n.*hidden_size: checkpoint 32 vs "
-                     r"--config 64\n.*num_layers: checkpoint 2 vs --config 3"):
+  with pytest.raises(engine.GenerateError, match=r"another model than --config.*\n.*hidden_size: checkpoint "
+                     r"32 vs --config 64\n.*num_layers: checkpoint 2 vs --config 3"):
     loading.load(str(tmp_path / "ckpt"), gen.mesh, expect=bigger)
   assert ckpt.endswith("params")
   with pytest.raises(engine.GenerateError, match="parameters have another shape"):

@@ -218,7 +218,8 @@ def test_prompts_are_the_training_template_cut_at_the_first_assistant_message():
   n = len(prompt["input_ids"])
   np.testing.assert_array_equal(prompt["input_ids"], full["input_ids"][:n])  # same rows, same code
   assert prompt["input_ids"][-1, 0] == mc.EOS and full["input_ids"][n, 0] == mc.ASSISTANT
-  cut, enforce = template.task_prompt("sft_generation", [{"text_ids": np.array([300])}, {"text_ids": np.array([5])}])
+  cut, enforce = template.task_prompt("sft_generation", [{"text_ids": np.array([300])},
+                                                         {"text_ids": np.array([5])}])
   assert [m["role"] for m in cut] == ["system", "user"] and enforce == ["text", "audio"]
   assert template.split_thinking(template.think_caption(" plan ", "A tone.")) == ("plan", "A tone.")
   assert template.split_thinking("no thinking") == ("", "no thinking")

@@ -62,10 +62,10 @@ TASKS: dict[str, tuple[tuple[str, str], ...]] = {
 
 # The reference's SFT system prompts (docs/data.md#sft-data) and default understanding question.
 TTS_SYSTEM_PROMPT = (
-    "You are a helpful assistant that generates audio based on user requests. You can create various types "
-    "of audio including sound effects, music, speech, ambient sounds, and any combination of these. When given "
-    "a request, first think through what the user wants and how to create high-quality audio, then provide a "
-    "detailed description of the audio you will generate.")
+    "You are a helpful assistant that generates audio based on user requests. You can create various "
+    "types of audio including sound effects, music, speech, ambient sounds, and any combination of "
+    "these. When given a request, first think through what the user wants and how to create "
+    "high-quality audio, then provide a detailed description of the audio you will generate.")
 UNDERSTAND_SYSTEM_PROMPT = "You are an audio understanding assistant."
 UNDERSTAND_DEFAULT_QUESTION = "What sound is in this audio?"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -91,7 +91,8 @@ def task_messages(task: str, contents: list) -> list[dict[str, Any]]:
     raise TemplateError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
   shape = TASKS[task]
   if len(contents) != len(shape):
-    raise TemplateError(f"task {task!r} has {len(shape)} messages {list(shape)}, got {len(contents)} contents")
+    raise TemplateError(f"task {task!r} has {len(shape)} messages {list(shape)}, got {len(contents)} "
+                        "contents")
   return [{"role": r, "modality": m, **c} for (r, m), c in zip(shape, contents)]
 
 
@@ -103,7 +104,8 @@ def task_prompt(task: str, contents: list) -> tuple[list[dict[str, Any]], list[s
   shape = TASKS[task]
   first = next((i for i, (role, _) in enumerate(shape) if role == "assistant"), len(shape))
   if len(contents) != first:
-    raise TemplateError(f"task {task!r} prompts have {first} messages {list(shape[:first])}, got {len(contents)}")
+    raise TemplateError(f"task {task!r} prompts have {first} messages {list(shape[:first])}, got "
+                        f"{len(contents)}")
   return ([{"role": r, "modality": m, **c} for (r, m), c in zip(shape[:first], contents)],
           [m for _, m in shape[first:]])
 

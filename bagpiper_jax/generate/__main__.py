@@ -58,13 +58,15 @@ _WINDOWS = flags.DEFINE_integer("max_audio_windows", 0, "Encoder windows (8 s ea
                                 "0 = the run's data.max_audio_windows, else 32.")
 _AUDIO_END = flags.DEFINE_enum("audio_end", "complete", list(engine.AUDIO_ENDS),
                                "How an audio segment ends (docs/generation.md#audio-segment-end).")
-_EXTRA = flags.DEFINE_integer("extra_segments", 0, "Free-modality segments after the enforced ones (after <|eot|>).")
+_EXTRA = flags.DEFINE_integer("extra_segments", 0,
+                              "Free-modality segments after the enforced ones (after <|eot|>).")
 for _mode, _d in (("text", engine.TEXT_DEFAULTS), ("audio", engine.AUDIO_DEFAULTS)):
   flags.DEFINE_float(f"{_mode}_temperature", _d.temperature, f"{_mode}: sampling temperature (0 = greedy).")
   flags.DEFINE_integer(f"{_mode}_top_k", _d.top_k, f"{_mode}: top-k (0 = all).")
   flags.DEFINE_float(f"{_mode}_top_p", _d.top_p, f"{_mode}: top-p (1.0 = off, the reference).")
   flags.DEFINE_float(f"{_mode}_cfg", _d.cfg, f"{_mode}: classifier-free guidance scale (1.0 = off).")
-  flags.DEFINE_integer(f"{_mode}_min_steps", _d.min_steps, f"{_mode}: rows before <|eos|>/<|eot|> are allowed.")
+  flags.DEFINE_integer(f"{_mode}_min_steps", _d.min_steps,
+                       f"{_mode}: rows before <|eos|>/<|eot|> are allowed.")
   flags.DEFINE_integer(f"{_mode}_max_steps", _d.max_steps, f"{_mode}: most rows of a segment.")
 
 FLAGS = flags.FLAGS
@@ -104,7 +106,8 @@ class Session:
     tok_path = paths.resolve(_TOKENIZER.value) or self.loaded.tokenizer
     self.tokenizer = tokenizer_lib.load_tokenizer(tok_path) if tok_path else None
     if self.tokenizer is None:
-      print("note: no tokenizer (--tokenizer): text inputs are refused and text outputs printed as ids", flush=True)
+      print("note: no tokenizer (--tokenizer): text inputs are refused and text outputs printed as ids",
+            flush=True)
     codec = paths.resolve(_CODEC.value) or self.loaded.codec
     self.writer = outputs.WavWriter(codec) if codec else None
     run = self.loaded.run_config or {}
@@ -137,8 +140,8 @@ class Session:
 
 
 def run_single(sess: Session) -> None:
-  req = req_lib.Request(id="request", task=_TASK.value, audio=paths.resolve(_AUDIO.value), prompt=_PROMPT.value,
-                        caption=_CAPTION.value, system=_SYSTEM.value, seed=_SEED.value)
+  req = req_lib.Request(id="request", task=_TASK.value, audio=paths.resolve(_AUDIO.value),
+                        prompt=_PROMPT.value, caption=_CAPTION.value, system=_SYSTEM.value, seed=_SEED.value)
   built = sess.builder.build(req)
   for n in built.notes:
     print(f"note: {n}", flush=True)
@@ -154,7 +157,8 @@ def run_single(sess: Session) -> None:
   for n in res["notes"]:
     print(f"note: {n}")
   if res["audio"]:
-    print(f"audio: {res['frames']} frames -> {res['audio']}" + (f" ({res['seconds']:.2f} s)" if res["seconds"] else ""))
+    secs = f" ({res['seconds']:.2f} s)" if res["seconds"] else ""
+    print(f"audio: {res['frames']} frames -> {res['audio']}{secs}")
   ends = ", ".join(f"{s['modality']}:{s['end']}({s['rows']} rows)" for s in res["segments"])
   print(f"[{built.task}] segments {ends}; {out.decode_rows} rows decoded in {took:.1f} s", flush=True)
 

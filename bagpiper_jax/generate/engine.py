@@ -88,7 +88,8 @@ class SegmentSettings:
     if not 0.0 < self.top_p <= 1.0:
       raise GenerateError(f"{name} top_p must be in (0, 1], got {self.top_p}")
     if self.min_steps < 0 or self.max_steps < 1:
-      raise GenerateError(f"{name} needs min_steps >= 0 and max_steps >= 1, got {self.min_steps}, {self.max_steps}")
+      raise GenerateError(f"{name} needs min_steps >= 0 and max_steps >= 1, got {self.min_steps}, "
+                          f"{self.max_steps}")
 
 
 # The reference's inference settings (conf/inference_*.yaml; text max_step as its PAPER_DECODING).
@@ -228,11 +229,13 @@ class Generator:
     flat_a, tree_a = jax.tree.flatten(abstract)
     if tree_p != tree_a:
       raise GenerateError("the parameters do not have the model's tree (another model version or size?)")
-    bad = [f"{a.shape} vs {tuple(np.shape(p))}" for p, a in zip(flat_p, flat_a) if tuple(np.shape(p)) != a.shape]
+    bad = [f"{a.shape} vs {tuple(np.shape(p))}" for p, a in zip(flat_p, flat_a)
+           if tuple(np.shape(p)) != a.shape]
     if bad:
-      raise GenerateError(f"{len(bad)} parameters have another shape than the model config says, e.g. {bad[:3]}")
-    return jax.tree.map(lambda p, s: p if isinstance(p, jax.Array) and p.sharding == s else jax.device_put(p, s),
-                        params, shardings)
+      raise GenerateError(f"{len(bad)} parameters have another shape than the model config says, "
+                          f"e.g. {bad[:3]}")
+    placed = lambda p, s: isinstance(p, jax.Array) and p.sharding == s
+    return jax.tree.map(lambda p, s: p if placed(p, s) else jax.device_put(p, s), params, shardings)
 
   def _replicated(self, x):
     x = np.asarray(x)
@@ -261,7 +264,8 @@ class Generator:
     may_audio = any("audio" in p.enforce or st.extra_segments > 0 or not p.enforce for p in prompts)
     may_text = any("text" in p.enforce or st.extra_segments > 0 or not p.enforce for p in prompts)
     use_cfg = (may_audio and st.uses_cfg(AUDIO_MODE)) or (may_text and st.uses_cfg(TEXT_MODE))
-    max_seg = max(len(p.enforce) for p in prompts) + max(st.extra_segments, 0 if all(p.enforce for p in prompts) else 1)
+    free = max(st.extra_segments, 0 if all(p.enforce for p in prompts) else 1)
+    max_seg = max(len(p.enforce) for p in prompts) + free
     return _Shape(batch=_round_up(_pow2_at_least(len(prompts), 1), self.batch_multiple), prompt=pb,
                   windows=_pow2_at_least(windows, 1) if windows else 0, cache=cache, use_cfg=use_cfg,
                   max_segments=max(1, max_seg))
@@ -269,8 +273,9 @@ class Generator:
   def check_prompt(self, p: Prompt, where: str = "request") -> None:
     """Raises GenerateError when the prompt cannot fit the cache."""
     if p.length + 2 > self.max_cache_len:
-      raise GenerateError(f"{where}: the prompt has {p.length} rows, more than the cache of {self.max_cache_len} "
-                          "rows leaves room for (raise --max_cache_len, or shorten the audio/text)")
+      raise GenerateError(f"{where}: the prompt has {p.length} rows, more than the cache of "
+                          f"{self.max_cache_len} rows leaves room for (raise --max_cache_len, or shorten "
+                          "the audio/text)")
 
   # ---- the batch ----
 
@@ -287,7 +292,8 @@ class Generator:
     valid = np.zeros((b,), bool)
     enc = cfg.audio_encoder
     if shape.windows:
-      mel = np.zeros((b, shape.windows, enc.chunks_per_window, enc.num_mel_bins, enc.chunk_frames), np.float32)
+      mel = np.zeros((b, shape.windows, enc.chunks_per_window, enc.num_mel_bins, enc.chunk_frames),
+                     np.float32)
       lens = np.zeros((b, shape.windows, enc.chunks_per_window), np.int32)
       rows = np.full((b, pl), -1, np.int32)
     for i, p in enumerate(prompts):
@@ -310,7 +316,8 @@ class Generator:
     for i in range(len(prompts), b):  # filler rows: one pad row, done from the start
       ids[i, -1, 0] = mc.BOS
       seg[i, -1] = 1
-    batch = {"input_ids": ids, "loss_weights": np.zeros(ids.shape, np.float32), "segment_ids": seg, "positions": pos}
+    batch = {"input_ids": ids, "loss_weights": np.zeros(ids.shape, np.float32), "segment_ids": seg,
+             "positions": pos}
     if shape.windows:
       batch.update(audio_mel=mel, audio_chunk_lens=lens, audio_rows=rows)
     lengths = np.array([p.length for p in prompts] + [1] * (b - len(prompts)), np.int32)
@@ -330,7 +337,8 @@ class Generator:
       state = self.prefill_state(shape, params, batch, meta)
       body = functools.partial(self.decode_step, shape, params)
       state = jax.lax.while_loop(lambda s: (s["t"] < shape.iters) & jnp.any(s["phase"] != DONE), body, state)
-    return {"rows": state["out_rows"], "flags": state["out_flags"], "count": state["n_out"], "steps": state["t"]}
+    return {"rows": state["out_rows"], "flags": state["out_flags"], "count": state["n_out"],
+            "steps": state["t"]}
 
   def cast(self, params):
     """Floating parameters in the compute dtype (the reference decodes in bf16 with model.to(dtype))."""
@@ -390,8 +398,8 @@ class Generator:
       kv_mask, inp2, pos2 = (jnp.concatenate([x, x]) for x in (kv_mask, inp, pos))
     else:
       inp2, pos2 = inp, pos
-    base, (k1, v1) = self._apply(params, BagpiperDecoder.step, inp2[:, None], pos2[:, None], (st["k"], st["v"]),
-                                 kv_mask)
+    base, (k1, v1) = self._apply(params, BagpiperDecoder.step, inp2[:, None], pos2[:, None],
+                                 (st["k"], st["v"]), kv_mask)
     kc = jax.lax.dynamic_update_slice(st["k"], k1.astype(st["k"].dtype), (0, 0, slot, 0, 0))
     vc = jax.lax.dynamic_update_slice(st["v"], v1.astype(st["v"].dtype), (0, 0, slot, 0, 0))
     base = base[:, 0]
@@ -456,7 +464,8 @@ class Generator:
     next_inp = jnp.where(col(in_a), mod_row, jnp.where(
         col(in_s), jnp.where(col(seg_end), final_row, row), jnp.where(col(again), asst_row, zeros_row)))
     next_phase = jnp.where(in_a, SEGMENT, jnp.where(
-        in_s, jnp.where(seg_end, FEED_FINAL, SEGMENT), jnp.where(again, FEED_ASSISTANT, DONE))).astype(jnp.int32)
+        in_s, jnp.where(seg_end, FEED_FINAL, SEGMENT), jnp.where(again, FEED_ASSISTANT, DONE)))
+    next_phase = next_phase.astype(jnp.int32)
 
     record = in_a | in_s
     rec_row = jnp.where(col(in_a), mod_row, row)
@@ -483,7 +492,8 @@ class Generator:
       cfg_mode = jnp.where(new_mode == AUDIO_MODE, cs.uses_cfg(AUDIO_MODE), cs.uses_cfg(TEXT_MODE))
       reset = in_a & cfg_mode
       new["k"], new["v"] = jax.lax.cond(jnp.any(reset), functools.partial(self._reset_uncond, shape, slot),
-                                        lambda kv, *_: kv, (kc, vc), reset, st["start"], st["k_pad"], st["v_pad"])
+                                        lambda kv, *_: kv, (kc, vc), reset, st["start"], st["k_pad"],
+                                        st["v_pad"])
     return new
 
   def _reset_uncond(self, shape: _Shape, slot, kv, reset, start, k_pad, v_pad):
@@ -529,10 +539,9 @@ class Generator:
       ongoing = end_row < 0
       force = (r >= a.max_steps - 8) | (iters_left <= 8)
       may_end = (r >= a.min_steps) | force
+      chosen = (is_eos & (closer == mc.EOS)) | (is_eot & (closer == mc.EOT))
       s0 = jnp.where(ongoing, (is_code & ~force) | ((is_pad | is_eos | is_eot) & may_end),
-                     jnp.where(r < end_row + 7, is_pad,
-                               jnp.where(closer >= 0, (is_eos & (closer == mc.EOS)) | (is_eot & (closer == mc.EOT)),
-                                         is_eos | is_eot)))
+                     jnp.where(r < end_row + 7, is_pad, jnp.where(closer >= 0, chosen, is_eos | is_eot)))
       sn = jnp.where(r < n, is_pad, jnp.where(ongoing | (r < end_row + n), is_code, is_pad))
       allowed = jnp.where(n == 0, s0, sn)
     cand = jnp.where(allowed, cand, -jnp.inf)
@@ -559,8 +568,10 @@ class Generator:
 
   # ---- ahead-of-time compilation (launch/aot_compile.py --decode) ----
 
-  def step_shape(self, *, batch: int, cache: int, use_cfg: bool, prompt: int = 128, max_segments: int = 2) -> _Shape:
-    return _Shape(batch=batch, prompt=prompt, windows=0, cache=cache, use_cfg=use_cfg, max_segments=max_segments)
+  def step_shape(self, *, batch: int, cache: int, use_cfg: bool, prompt: int = 128,
+                 max_segments: int = 2) -> _Shape:
+    return _Shape(batch=batch, prompt=prompt, windows=0, cache=cache, use_cfg=use_cfg,
+                  max_segments=max_segments)
 
   def abstract_step(self, shape: _Shape):
     """(jitted one-iteration step, abstract params, abstract loop state), all with their shardings on

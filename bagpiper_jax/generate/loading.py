@@ -1,4 +1,4 @@
-"""`--ckpt` -> (model config, parameters on the mesh, the run's settings): a workdir, a checkpoint or a release.
+"""`--ckpt` (a workdir, a checkpoint or a release) -> model config, parameters on the mesh, run settings.
 
   <workdir> | <workdir>/checkpoints | <step dir> | <params dir>   through paths.find_checkpoint (it
         says which step it picked); the model config and the run config (tokenizer, codec, audio
@@ -54,8 +54,8 @@ def config_mismatch(have: ModelConfig, want: ModelConfig) -> list[str]:
     if k == "audio_encoder":
       out += [f"audio_encoder.{j}: checkpoint {a[k][j]!r} vs --config {b[k][j]!r}" for j in sorted(a[k])
               if a[k][j] != b[k][j]]
-    elif a[k] != b[k] and k not in ("dtype", "param_dtype", "remat_policy", "attention_impl", "attention_q_chunk",
-                                    "loss_chunk_size", "scan_layers"):
+    elif a[k] != b[k] and k not in ("dtype", "param_dtype", "remat_policy", "attention_impl",
+                                    "attention_q_chunk", "loss_chunk_size", "scan_layers"):
       out.append(f"{k}: checkpoint {a[k]!r} vs --config {b[k]!r}")
   return out
 

@@ -126,7 +126,8 @@ class Built:
 class PromptBuilder:
   """Turns requests into prompts for one model config and tokenizer."""
 
-  def __init__(self, cfg: mc.ModelConfig, tokenizer: Optional[tokenizer_lib.Tokenizer], *, max_audio_windows: int):
+  def __init__(self, cfg: mc.ModelConfig, tokenizer: Optional[tokenizer_lib.Tokenizer], *,
+               max_audio_windows: int):
     self.cfg, self.tokenizer, self.max_windows = cfg, tokenizer, int(max_audio_windows)
 
   def text(self, text: Any, what: str, req: Request) -> dict:
@@ -152,9 +153,10 @@ class PromptBuilder:
     if need > self.max_windows:
       enc = self.cfg.audio_encoder
       win_s = enc.n_window_infer * audio_lib.HOP_LENGTH / audio_lib.SAMPLE_RATE
-      raise RequestError(f"request {req.id!r}: {path} lasts {wav.shape[0] / audio_lib.SAMPLE_RATE:.1f} s and needs "
-                         f"{need} encoder windows of {win_s:g} s; the limit is {self.max_windows} "
-                         f"({self.max_windows * win_s:g} s, --max_audio_windows)")
+      secs = wav.shape[0] / audio_lib.SAMPLE_RATE
+      raise RequestError(f"request {req.id!r}: {path} lasts {secs:.1f} s and needs {need} encoder windows "
+                         f"of {win_s:g} s; the limit is {self.max_windows} ({self.max_windows * win_s:g} s, "
+                         "--max_audio_windows)")
     return {"mel": audio_lib.mel_features(wav)}
 
   def build(self, req: Request) -> Built:

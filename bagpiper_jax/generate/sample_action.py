@@ -83,7 +83,8 @@ class SampleAction(PeriodicAction):
         text=dataclasses.replace(engine.TEXT_DEFAULTS, max_steps=int(c.max_text_steps)),
         audio=dataclasses.replace(engine.AUDIO_DEFAULTS, max_steps=int(c.max_audio_steps),
                                   min_steps=min(engine.AUDIO_DEFAULTS.min_steps, int(c.max_audio_steps) - 8)))
-    self.gen = engine.Generator(cfg, params, settings=st, mesh=self.setup.mesh, max_batch=max(1, len(self.items)),
+    self.gen = engine.Generator(cfg, params, settings=st, mesh=self.setup.mesh,
+                                max_batch=max(1, len(self.items)),
                                 max_cache_len=min(int(c.max_cache_len), cfg.max_position_embeddings))
 
   def _text(self, ids) -> str:
