@@ -154,7 +154,8 @@ class DemoEvalSet:
   spec: dict
 
   @classmethod
-  def load(cls, demo_dir: str) -> "DemoEvalSet":
+  def load(cls, demo_dir: str, split: str = "eval") -> "DemoEvalSet":
+    """The demo's clips of `split` (eval: held out; train: what the model saw, a memorisation check)."""
     man = os.path.join(demo_dir, "manifests")
     spec_path = os.path.join(man, "attributes.json")
     if not os.path.isfile(spec_path):
@@ -166,7 +167,7 @@ class DemoEvalSet:
       with open(os.path.join(man, f"pretrain.{split}.jsonl")) as f:
         return [json.loads(l) for l in f if l.strip()]
     rows = [dict(r, audio=os.path.normpath(os.path.join(man, r["audio"])))
-            for r in read("eval") if "attributes" in r]
+            for r in read(split) if "attributes" in r]
     return cls(rows, read("train"), spec)
 
 
@@ -246,6 +247,7 @@ def _define_flags():
   flags.DEFINE_bool("skip_captions", False, "Skip the caption attribute accuracy.")
   flags.DEFINE_bool("skip_cycle", False, "Skip the caption -> audio -> caption cycle.")
   flags.DEFINE_integer("max_clips", 0, "Score at most this many eval clips (0 = all).")
+  flags.DEFINE_enum("split", "eval", ["eval", "train"], "Demo clips to score (train: a memorisation check).")
   flags.DEFINE_integer("text_max_steps", 256, "Caption length limit (rows).")
   flags.DEFINE_integer("audio_max_steps", 400, "Rendered audio limit (rows; 50 rows = 1 s).")
   flags.DEFINE_string("report", None, "Write the scores and every caption as JSON here.")
@@ -289,7 +291,7 @@ def main(argv):
   if not (F.skip_captions and F.skip_cycle):
     demo_dir = paths.resolve(F.demo_dir) or config.data.get("demo_dir") or os.path.join(
         os.path.dirname(os.path.dirname(os.path.dirname(ref.step_dir))), "demo_data")
-    data = DemoEvalSet.load(demo_dir)
+    data = DemoEvalSet.load(demo_dir, F.split)
     if F.max_clips:
       data.rows = data.rows[:F.max_clips]
     tok_path = paths.resolve(F.tokenizer) or config.sample.get("tokenizer")

@@ -13,7 +13,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -245,3 +248,39 @@ def test_a_request_draws_the_same_alone_and_in_a_batch(model):
     np.testing.assert_array_equal(a.rows, b.rows)
   again = gen.generate([dataclasses.replace(p, seed=124)])[0]
   assert any(not np.array_equal(a.rows, b.rows) for a, b in zip(alone.segments, again.segments))
+
+
+SHARDED = r"""
+import json, os, sys
+import numpy as np, jax
+from jax.sharding import Mesh
+from bagpiper_jax import sharding
+from bagpiper_jax.generate import engine
+from conftest import tiny_model_config
+from test_decode_cache import random_params
+from test_generate import audio_prompt, settings, text_prompt
+cfg = tiny_model_config()
+params = random_params(cfg, seed=3)
+prompts = [engine.Prompt.from_template(audio_prompt(cfg, 140, 5), ("text", "audio")),
+           engine.Prompt.from_template(text_prompt(cfg, 9, 6), ("audio",))]
+out = {}
+for name, shape in (("one", (1, 1, 1, 1)), ("eight", (1, 2, 2, 2))):
+  mesh = Mesh(np.asarray(jax.devices()[:int(np.prod(shape))]).reshape(shape), sharding.MESH_AXES)
+  gen = engine.Generator(cfg, params, settings=settings(), mesh=mesh, max_cache_len=256)
+  kernel_sharding = str(gen.params["layers"]["self_attn"]["k_proj"]["kernel"].sharding.spec)
+  out[name] = [[s.rows.tolist() for s in o.segments] for o in gen.generate(prompts)] + [kernel_sharding]
+print(json.dumps(out))
+"""
+
+
+def test_sharded_decode_equals_single_device(tmp_path):
+  """8 CPU devices (fsdp 2 x tensor 2 x sequence 2: weights, batch, KV heads and cache length split by
+  the training rules) decode the same greedy rows (CFG 3, text then audio) as one device."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
+  p = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, p.stderr[-3000:]
+  out = json.loads(p.stdout.strip().splitlines()[-1])
+  assert out["one"][:-1] == out["eight"][:-1]
+  assert "tensor" in out["eight"][-1] and "fsdp" in out["eight"][-1]

@@ -46,6 +46,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bagpiper_jax import sharding, train_state, train_step
@@ -217,14 +218,15 @@ class Generator:
     self.max_cache_len, self.prompt_bucket = int(max_cache_len), int(prompt_bucket)
     self.batch_multiple = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     self.max_batch = _round_up(max(1, int(max_batch)), self.batch_multiple)
+    self._abstract, logical = train_state.param_specs(cfg)
+    self._param_shardings = sharding.logical_to_sharding(logical, self._abstract, mesh, log=False)
     self.params = None if params is None else self._place_params(params)  # None: AOT compilation only
     self._compiled: dict[_Shape, Callable] = {}
 
   # ---- placement ----
 
   def _place_params(self, params):
-    abstract, logical = train_state.param_specs(self.cfg)
-    shardings = sharding.logical_to_sharding(logical, abstract, self.mesh, log=False)
+    abstract, shardings = self._abstract, self._param_shardings
     flat_p, tree_p = jax.tree.flatten(params)
     flat_a, tree_a = jax.tree.flatten(abstract)
     if tree_p != tree_a:
@@ -358,7 +360,8 @@ class Generator:
     b2 = 2 * b if shape.use_cfg else b
     _, (k, v) = self._apply(params, BagpiperDecoder.prefill, batch)
     zeros = jnp.zeros((cfg.num_layers, b2, s, cfg.num_kv_heads, cfg.head_dim), k.dtype)
-    place = lambda c, x: jax.lax.dynamic_update_slice(c, x, (0, 0, 0, 0, 0))
+    place = lambda c, x: nn.with_logical_constraint(jax.lax.dynamic_update_slice(c, x, (0, 0, 0, 0, 0)),
+                                                    CACHE_AXES)
     kc, vc = place(zeros, k), place(zeros, v)
     state = {"k": kc, "v": vc}
     if shape.use_cfg:
@@ -578,8 +581,7 @@ class Generator:
     the mesh and nothing allocated: `step.lower(params, state).compile()` is the program every decode
     iteration runs (model step, cache write, sampling, bookkeeping)."""
     cfg = self.cfg
-    abstract, logical = train_state.param_specs(cfg)
-    p_sh = sharding.logical_to_sharding(logical, abstract, self.mesh, log=False)
+    abstract, p_sh = self._abstract, self._param_shardings
     dt = jnp.dtype(cfg.dtype)
     params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(
         a.shape, dt if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, sharding=sh), abstract, p_sh)
