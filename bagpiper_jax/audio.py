@@ -88,6 +88,37 @@ def load_audio(path: str, *, start: Optional[float] = None, end: Optional[float]
   return wav.astype(np.float32, copy=False), orig_sr
 
 
+def load_clip(path: str) -> tuple[np.ndarray, list[str]]:
+  """A whole file as mono float32 at 16 kHz for a generation prompt, and notes on what was changed.
+
+  Like the data tool: another sample rate is resampled and a multi-channel file downmixed (the
+  mean of its channels), and each is SAID in the notes. Raises AudioError naming the file when it is
+  missing, unreadable, empty, or shorter than two mel hops.
+  """
+  if not os.path.exists(path):
+    raise AudioError(f"{path}: file not found")
+  channels = None
+  try:
+    info = sf.info(path)
+    channels, frames = int(info.channels), int(info.frames)
+    if frames == 0:
+      raise AudioError(f"{path}: empty audio file (0 samples)")
+  except AudioError:
+    raise
+  except Exception:  # not a soundfile format: load_audio tries audioread and names the error
+    pass
+  wav, orig_sr = load_audio(path)
+  notes = []
+  if orig_sr != SAMPLE_RATE:
+    notes.append(f"{path}: resampled {orig_sr} Hz -> {SAMPLE_RATE} Hz")
+  if channels is not None and channels > 1:
+    notes.append(f"{path}: {channels} channels downmixed to mono")
+  if wav.shape[0] < 2 * HOP_LENGTH:
+    raise AudioError(f"{path}: only {wav.shape[0]} samples at {SAMPLE_RATE} Hz; at least "
+                     f"{2 * HOP_LENGTH} needed")
+  return wav, notes
+
+
 @functools.lru_cache(maxsize=4)
 def mel_filters(num_mel_bins: int = NUM_MEL_BINS) -> np.ndarray:
   """[num_mel_bins, 1 + N_FFT // 2] Slaney mel filter bank, 0..8 kHz (Whisper's, via librosa)."""

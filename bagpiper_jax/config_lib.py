@@ -106,7 +106,17 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True
   c.log_every_steps = 10
   c.eval_every_steps = 1000
-  c.eval_steps = 20
+  c.eval_steps = 20  # batches per eval source (the loss is reported per source and overall)
+  # Samples for held-out examples (bagpiper_jax/generate/sample_action.py): captions for eval clips,
+  # clips for eval captions, to TensorBoard and <workdir>/samples/step_<N>/.
+  c.sample_every_steps = 0  # 0 = never
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num = 2  # eval examples per direction
+  c.sample.tokenizer = ""  # tokenizer file to print captions ("" = ids)
+  c.sample.codec = ""  # local X-Codec directory to write WAVs ("" = codes only)
+  c.sample.max_text_steps = 256
+  c.sample.max_audio_steps = 512
+  c.sample.max_cache_len = 2048
   c.nan_policy = "stop"  # stop | skip
 
   # Releases written by the run (convert/release_action.py, docs/release.md): every release_every_steps

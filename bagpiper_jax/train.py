@@ -77,7 +77,11 @@ def prepare_demo_data(config, workdir: str) -> None:
   out_dir = paths.resolve(config.data.demo_dir) or os.path.join(os.path.dirname(workdir), "demo_data")
   print(f"demo data in {out_dir} (generated on first use, about a minute)", flush=True)
   shard_root = demo.ensure_demo_shards(out_dir)
+  config.data.demo_dir = out_dir
   config.data.train_sources, config.data.eval_sources = demo.demo_sources(shard_root, config.stage)
+  files = demo.demo_model_files(out_dir)  # for the sample action (and generate/evaluate on this run)
+  config.sample.tokenizer = config.sample.tokenizer or files["tokenizer"]
+  config.sample.codec = config.sample.codec or files["codec"]
 
 
 class _QuietLibraries(pylogging.Filter):

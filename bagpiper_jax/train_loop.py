@@ -36,6 +36,7 @@ from bagpiper_jax import metrics as metrics_lib
 from bagpiper_jax import paths, sharding, trainer
 from bagpiper_jax.convert.release_action import ReleaseAction
 from bagpiper_jax.data import input_pipeline
+from bagpiper_jax.generate import sample_action
 from bagpiper_jax.periodic import PeriodicAction
 from bagpiper_jax.synthetic import SyntheticIterator
 
@@ -75,21 +76,24 @@ class _Preemption:
 
 
 def make_data(config, setup: trainer.Setup):
-  """(train iterator, eval iterator factory or None) for this process. Reads the config only."""
+  """(train iterator, {eval source: iterator factory}) for this process. Reads the config only."""
   cfg, rows = setup.cfg, setup.host_rows
   if config.data.synthetic:
     mk = lambda seed: SyntheticIterator(cfg, rows=rows, seq_len=int(config.data.seq_len),
                                         audio_windows=int(config.data.max_audio_windows), seed=seed,
                                         process_index=jax.process_index())
-    return mk(int(config.data.shuffle_seed)), (lambda: mk(10_000 + int(config.data.shuffle_seed)))
+    seed = int(config.data.shuffle_seed)
+    return mk(seed), {"synthetic": lambda: mk(10_000 + seed)}
   if not config.data.train_sources:
     raise RunError("config.data.train_sources is empty: give --config.data.train_sources or set "
                    "config.data.demo=True / config.data.synthetic=True")
   where = dict(rows=rows, process_index=jax.process_index(), process_count=jax.process_count())
   train_it = input_pipeline.make_train_iterator(config, cfg, **where)
-  make_eval = None
-  if config.data.eval_sources:
-    make_eval = lambda: input_pipeline.make_eval_iterator(config, cfg, num_batches=int(config.eval_steps), **where)
+  make_eval = {}  # one factory per eval source: the loss is reported per source
+  for name in sorted(config.data.eval_sources or {}):
+    one = {name: config.data.eval_sources[name]}
+    make_eval[name] = lambda one=one: input_pipeline.make_eval_iterator(
+        config, cfg, num_batches=int(config.eval_steps), sources=one, **where)
   return train_it, make_eval
 
 
@@ -199,26 +203,33 @@ def _check_finite(config, first_bad_step: int, out) -> None:
 
 
 class EvalAction(PeriodicAction):
-  """Held-out loss over config.eval_steps batches of config.data.eval_sources (evaluate.py)."""
+  """Held-out loss over config.eval_steps batches of each of config.data.eval_sources (evaluate.py),
+  reported per source and overall."""
 
   def __init__(self, config, setup: trainer.Setup, make_eval, writer: metrics_lib.MetricsWriter):
-    super().__init__(int(config.eval_every_steps) if make_eval is not None else 0)
+    super().__init__(int(config.eval_every_steps) if make_eval else 0)
     self.setup, self.make_eval, self.writer, self.steps = setup, make_eval, writer, int(config.eval_steps)
 
   def run(self, step: int, state) -> dict:
-    ev = eval_lib.evaluate(self.setup, state.params, self.make_eval, self.steps)
+    ev = eval_lib.evaluate_sources(self.setup, state.params, self.make_eval, self.steps)
+    per = ev.pop("sources")
     self.writer.write(step, ev, prefix="eval")
+    for name, r in per.items():
+      self.writer.write(step, r, prefix=f"eval/{name}")
     if jax.process_index() == 0:
+      sources = ", ".join(f"{k} {float(r['loss']):.3f}" for k, r in per.items())
       print(f"eval step {step}: loss {float(ev['loss']):.4f} text {float(ev['text_loss']):.3f} "
             f"audio {float(ev['audio_loss']):.3f} ({ev['eval_steps']} batches, "
-            f"{ev['eval_time_s']:.1f} s)", flush=True)
+            f"{ev['eval_time_s']:.1f} s); {sources}", flush=True)
     return {f"eval_{k}": v for k, v in ev.items()}
 
 
 def make_actions(config, setup: trainer.Setup, make_eval, writer: metrics_lib.MetricsWriter,
                  workdir: str) -> list[PeriodicAction]:
   """The run's periodic actions, in the order they run after a step."""
-  return [EvalAction(config, setup, make_eval, writer), ReleaseAction(config, setup, workdir)]
+  return [EvalAction(config, setup, make_eval, writer),
+          sample_action.SampleAction(config, setup, writer, workdir),
+          ReleaseAction(config, setup, workdir)]
 
 
 # ---------------------------------------------------------------------------------------------

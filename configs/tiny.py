@@ -34,6 +34,8 @@ def get_config(stage: str = "pretrain"):
   c.log_every_steps = 10
   c.eval_every_steps = 100
   c.eval_steps = 2
+  c.sample_every_steps = 100
+  c.sample.max_audio_steps = 400  # demo clips are at most ~7.5 s
   return c
 
 
@@ -50,6 +52,7 @@ def for_tests(stage: str = "pretrain", *, seq_len: int = 128, rows_per_device: i
   c.optim.warmup_steps = 2
   c.log_every_steps = 1
   c.eval_every_steps = 0
+  c.sample_every_steps = 0
   c.checkpoint.every_steps = steps
   c.checkpoint.async_save = False
   c.mesh.ici = dict(data=1, fsdp=-1, tensor=1, sequence=1)

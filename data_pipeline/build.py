@@ -22,6 +22,7 @@ import numpy as np
 from bagpiper_jax import audio
 from bagpiper_jax import codec as codec_lib
 from bagpiper_jax.data import records
+from bagpiper_jax.data import template
 from bagpiper_jax import tokenizer as tokenizer_lib
 from bagpiper_jax.model.config import encoder_output_length
 
@@ -175,15 +176,13 @@ class Builder:
   def _messages(self, item: manifest_lib.Item, warnings: list) -> list[dict[str, Any]]:
     row = item.row
     if item.task == "text_only":
-      return [{"role": "assistant", "modality": "text", "text_ids": self.text_ids(row["text"])}]
+      return template.task_messages(item.task, [{"text_ids": self.text_ids(row["text"])}])
     if item.task in ("audio_to_text", "text_to_audio"):
       seg = (row["audio"], row.get("start"), row.get("end"), row.get("sample_rate"), warnings, item)
       caption = self.text_ids(row["rich_caption"].strip())
       if item.task == "audio_to_text":
-        return [{"role": "user", "modality": "audio", "mel": self.mel(*seg)},
-                {"role": "assistant", "modality": "text", "text_ids": caption}]
-      return [{"role": "user", "modality": "text", "text_ids": caption},
-              {"role": "assistant", "modality": "audio", "codes": self.codes(*seg)}]
+        return template.task_messages(item.task, [{"mel": self.mel(*seg)}, {"text_ids": caption}])
+      return template.task_messages(item.task, [{"text_ids": caption}, {"codes": self.codes(*seg)}])
     if item.task == "dialogue":
       out = []
       for m in row["messages"]:

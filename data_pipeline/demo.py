@@ -6,7 +6,11 @@ when the binary is installed, skipped otherwise) and writes, under `out_dir`:
 
   wavs/clip_00000.wav ...                 16 kHz mono PCM-16
   manifests/pretrain.{train,eval}.jsonl   audio, rich_caption, direction, category, dataset,
-                                          [start, end] (some clips sit inside a longer file)
+                                          [start, end] (some clips sit inside a longer file),
+                                          attributes (the facts the caption states: kind, level,
+                                          wave, note, ...)
+  manifests/attributes.json               how each attribute reads back from a caption
+                                          (ATTRIBUTE_SPEC; bagpiper_jax/evaluate.py scores with it)
   manifests/text.{train,eval}.jsonl       text-only lines (true facts about notes, noise, ...)
   manifests/sft.{train,eval}.jsonl        `messages` dialogues: understanding (user audio ->
                                           assistant answer) and generation (system, user request,
@@ -54,7 +58,8 @@ from data_pipeline import writer
 
 SR = 16_000
 DEFAULT_NUM_CLIPS = 240
-DEMO_VERSION = 2  # 2: normalised log-mel, codec framing as the reference (issue 10)
+DEMO_VERSION = 3  # 2: normalised log-mel, codec framing as the reference (issue 10); 3: manifests carry
+# each clip's attributes (+ manifests/attributes.json)
 DEMO_VOCAB_SIZE = 512
 EVAL_EVERY = 10  # clip i goes to eval when i % EVAL_EVERY == EVAL_EVERY - 1
 DATASET = "bagpiper_demo_synth"
@@ -70,6 +75,34 @@ SPEECH_LINES = (
     "The train to the coast leaves at noon.", "Thank you for listening.",
     "Can you hear the birds singing?", "My favourite colour is green.",
 )
+
+
+# How each attribute is read back from a caption (bagpiper_jax/evaluate.py reads this from
+# manifests/attributes.json): "values" maps a value to a regex, tried in "order" (the first that
+# matches wins: a tremolo caption also says "tone"); "capture" is a regex whose group 1 is the value.
+ATTRIBUTE_SPEC = {
+    "version": 1,
+    "attributes": {
+        "kind": {"order": ["speech", "clicks", "arpeggio", "chord", "tremolo", "vibrato", "chirp", "noise",
+                           "tone"],
+                 "values": {"speech": r"\b(voice|speaking)\b", "clicks": r"\bclicks?\b",
+                            "arpeggio": r"\barpeggio\b", "chord": r"\bchord\b", "tremolo": r"\btremolo\b",
+                            "vibrato": r"\bvibrato\b", "chirp": r"\bsweep\b", "noise": r"\bnoise\b",
+                            "tone": r"\btone\b"}},
+        "level": {"order": ["moderately loud", "quiet", "loud"],
+                  "values": {"moderately loud": r"\bmoderately loud\b", "quiet": r"\bquiet\b",
+                             "loud": r"(?<!moderately )\bloud\b"}},
+        "wave": {"order": ["sine", "square", "sawtooth", "triangle"],
+                 "values": {w: rf"\b{w}\b" for w in WAVES}},
+        "noise_color": {"order": ["white", "pink"],
+                        "values": {"white": r"\bwhite noise\b", "pink": r"\bpink noise\b"}},
+        "chord_quality": {"order": list(CHORDS), "values": {q: rf"\b{q}\b" for q in CHORDS}},
+        "pitch_direction": {"order": ["up", "down"],
+                            "values": {"up": r"\b(rising|ascending)\b", "down": r"\b(falling|descending)\b"}},
+        "note": {"capture": r"\bthe note ([A-G]#?-?\d+)\b"},
+        "speaker": {"order": ["female", "male"], "values": {"female": r"\bfemale\b", "male": r"\bmale\b"}},
+    },
+}
 
 
 # -- synthesis primitives ---------------------------------------------------------------------------
@@ -157,7 +190,11 @@ def _dur(rng, lo=1.0, hi=6.0) -> float:
   return round(float(rng.uniform(lo, hi)), 1)
 
 
-# -- clip recipes: rng -> (waveform, caption, category, kind) ----------------------------------------
+# -- clip recipes: rng -> (waveform, caption, category, kind, attributes) ----------------------------
+#
+# `attributes` are the facts the caption states, by name (the kind is added as "kind"); the manifest
+# rows carry them and manifests/attributes.json says how each is read back from a caption
+# (ATTRIBUTE_SPEC), so evaluation can score generated captions without importing this module.
 
 def clip_tone(rng):
   dur, wave, midi = _dur(rng), str(rng.choice(WAVES)), int(rng.integers(45, 82))
@@ -166,7 +203,7 @@ def clip_tone(rng):
   x, level = set_level(oscillator(wave, midi_freq(midi), n) * envelope(n, fi, fo), rng)
   cap = (f"A steady {_fmt_hz(midi_freq(midi))} {wave} tone (the note {note_name(midi)}), {level}, "
          f"lasting {dur:.1f} seconds{env_txt}.")
-  return x, cap, "music", "tone"
+  return x, cap, "music", "tone", {"wave": wave, "level": level, "note": note_name(midi)}
 
 
 def clip_chord(rng):
@@ -180,7 +217,7 @@ def clip_chord(rng):
   names = ", ".join(note_name(m) for m in notes)
   cap = (f"A {NOTE_NAMES[root % 12]} {quality} chord ({names}) held on {wave} tones, {level}, "
          f"lasting {dur:.1f} seconds{env_txt}.")
-  return x, cap, "music", "chord"
+  return x, cap, "music", "chord", {"wave": wave, "level": level, "chord_quality": quality}
 
 
 def clip_arpeggio(rng):
@@ -199,7 +236,8 @@ def clip_arpeggio(rng):
   cap = (f"{'An ascending' if up else 'A descending'} {NOTE_NAMES[root % 12]} {quality} arpeggio of "
          f"{k} {wave}-wave notes ({', '.join(note_name(m) for m in pattern)}), each {step:.2f} seconds "
          f"long, {level}, {k * step:.2f} seconds in total.")
-  return x, cap, "music", "arpeggio"
+  return x, cap, "music", "arpeggio", {"wave": wave, "level": level, "chord_quality": quality,
+                                       "pitch_direction": "up" if up else "down"}
 
 
 def clip_noise(rng):
@@ -219,7 +257,7 @@ def clip_noise(rng):
     cap = cap[0].upper() + cap[1:]
   else:
     cap = f"A {level} burst of {color} noise lasting {burst:.1f} seconds, starting and stopping abruptly."
-  return x, cap, "sound", "noise"
+  return x, cap, "sound", "noise", {"level": level, "noise_color": color}
 
 
 def clip_chirp(rng):
@@ -236,7 +274,7 @@ def clip_chirp(rng):
   x, level = set_level(oscillator("sine", freq, n) * envelope(n, 0.01, 0.01), rng)
   cap = (f"A sine sweep {'rising' if up else 'falling'} {'exponentially' if expo else 'linearly'} "
          f"from {f0:.0f} Hz to {f1:.0f} Hz over {dur:.1f} seconds, {level}.")
-  return x, cap, "sound", "chirp"
+  return x, cap, "sound", "chirp", {"wave": "sine", "level": level, "pitch_direction": "up" if up else "down"}
 
 
 def clip_tremolo(rng):
@@ -248,7 +286,7 @@ def clip_tremolo(rng):
   x, level = set_level(x, rng)
   cap = (f"A {f:.0f} Hz sine tone with a {rate:.0f} Hz tremolo (its loudness pulses {rate:.0f} times "
          f"per second), {level}, lasting {dur:.1f} seconds.")
-  return x, cap, "sound", "tremolo"
+  return x, cap, "sound", "tremolo", {"wave": "sine", "level": level}
 
 
 def clip_vibrato(rng):
@@ -260,7 +298,7 @@ def clip_vibrato(rng):
   x, level = set_level(oscillator("sine", freq, n) * envelope(n, fi, fo), rng)
   cap = (f"A {f:.0f} Hz sine tone with a {rate:.0f} Hz vibrato of plus or minus {dev:.0f} Hz, "
          f"{level}, lasting {dur:.1f} seconds{env_txt}.")
-  return x, cap, "music", "vibrato"
+  return x, cap, "music", "vibrato", {"wave": "sine", "level": level}
 
 
 def clip_clicks(rng):
@@ -276,7 +314,7 @@ def clip_clicks(rng):
     x[s:s + 32] += click[: len(x) - s]
   cap = (f"Silence broken by {k} {'loud' if loud else 'soft'} clicks, one every {period:.2f} seconds "
          f"starting at {t0:.1f} seconds; {total:.2f} seconds in total.")
-  return x, cap, "sound", "clicks"
+  return x, cap, "sound", "clicks", {}
 
 
 def clip_speech(rng, espeak: str, workdir: str):
@@ -294,7 +332,7 @@ def clip_speech(rng, espeak: str, workdir: str):
   x, level = set_level(x, rng)
   cap = (f"A synthetic {who} voice speaking English {pace} and {level}, saying: \"{text}\" "
          f"({len(x) / SR:.1f} seconds).")
-  return x, cap, "speech", "speech"
+  return x, cap, "speech", "speech", {"level": level, "speaker": who}
 
 
 RECIPES = (("tone", clip_tone, 0.17), ("chord", clip_chord, 0.12), ("arpeggio", clip_arpeggio, 0.1),
@@ -415,11 +453,12 @@ def make_demo_data(out_dir: str, num_clips: int = DEFAULT_NUM_CLIPS, seed: int =
       rng = np.random.default_rng([seed, i])
       kind = str(rng.choice(names, p=probs))
       if kind == "speech":
-        x, cap, category, kind = clip_speech(rng, espeak, tmp)
+        x, cap, category, kind, attrs = clip_speech(rng, espeak, tmp)
       else:
-        x, cap, category, kind = fns[kind](rng)
+        x, cap, category, kind, attrs = fns[kind](rng)
       seconds = len(x) / SR
       row = {"id": f"clip_{i:05d}", "rich_caption": cap, "category": category, "kind": kind,
+             "attributes": {"kind": kind, **attrs},
              "dataset": "bagpiper_demo_espeak" if kind == "speech" else DATASET,
              "direction": str(rng.choice(("und", "gen", "und,gen"))), "seconds": round(seconds, 3)}
       if rng.random() < 0.15:  # the clip is a segment of a longer file with other sound around it
@@ -437,7 +476,7 @@ def make_demo_data(out_dir: str, num_clips: int = DEFAULT_NUM_CLIPS, seed: int =
   for split, rows in clips.items():
     srng = np.random.default_rng([seed, 10_000_000 + (split == "eval")])
     pre_rows = [{k: r[k] for k in ("id", "audio", "rich_caption", "direction", "category", "dataset",
-                                   "start", "end") if k in r} for r in rows]
+                                   "start", "end", "attributes") if k in r} for r in rows]
     facts = text_facts(srng, max(len(rows) // 2, 4))
     sft = [sft_dialogue(srng, r) for r in rows[:: 3]]
     paths = [os.path.join(man_dir, f"{name}.{split}.jsonl") for name in ("pretrain", "text", "sft")]
@@ -448,6 +487,8 @@ def make_demo_data(out_dir: str, num_clips: int = DEFAULT_NUM_CLIPS, seed: int =
     all_text += [r["rich_caption"] for r in rows] + facts
     all_text += [m["content"] for d in sft for m in d["messages"] if m["modality"] == "text"]
 
+  with open(os.path.join(man_dir, "attributes.json"), "w") as f:
+    json.dump(ATTRIBUTE_SPEC, f, indent=1, sort_keys=True)
   tok = tokenizer_train.train_sentencepiece(all_text, os.path.join(out_dir, "tokenizer", "spm"),
                                           DEMO_VOCAB_SIZE, seed=seed)
   paths = DemoPaths(root=os.path.abspath(out_dir), wav_dir=os.path.abspath(wav_dir),
@@ -532,6 +573,13 @@ def ensure_demo_shards(out_dir: str, *, num_clips: int = DEFAULT_NUM_CLIPS, seed
     with open(done_stamp, "w") as f:
       json.dump({**want, "splits": summary}, f, indent=1, sort_keys=True)
   return shard_root
+
+
+def demo_model_files(out_dir: str) -> dict[str, str]:
+  """The demo's tokenizer and (tiny, random) X-Codec directory, for generation and samples."""
+  out_dir = os.path.abspath(out_dir)
+  return {"tokenizer": os.path.join(out_dir, "tokenizer", "spm.model"),
+          "codec": os.path.join(out_dir, "xcodec_tiny")}
 
 
 def demo_sources(shard_root: str, stage: str = "pretrain") -> tuple[dict[str, Any], dict[str, Any]]:

@@ -65,6 +65,9 @@ def define_flags() -> None:
   flags.DEFINE_float("step_time", 0.0, "Measured seconds per step on the pod (optional): print the MFU it implies.")
   flags.DEFINE_string("report_json", "", "Also write the report as JSON to this path.")
   flags.DEFINE_string("dump_hlo", "", "Write the optimized per-device HLO text to this path.")
+  flags.DEFINE_bool("decode", False, "Compile the generation decode step (compile_decode_step) instead.")
+  flags.DEFINE_integer("decode_batch", 32, "--decode: requests decoded together.")
+  flags.DEFINE_integer("decode_cache_len", 4096, "--decode: KV-cache rows per request.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +288,51 @@ def run(config, topology: str, num_slices: int = 1, *, assumed_mfu: float = 0.4,
   return rep
 
 
+# ---------------------------------------------------------------------------------------------
+# The generation decode step (bagpiper_jax/generate/engine.py): one loop iteration, all chips on the
+# `tensor` axis (weights and KV cache split by heads/vocab, no weight all-gathers per token).
+
+HBM_BYTES_PER_S = {"v4": 1.2e12, "v5p": 2.765e12, "v5e": 0.819e12, "v6e": 1.64e12}  # per chip, vendor figures
+
+
+def compile_decode_step(config, topo: topology_lib.Topology, *, batch: int, cache_len: int,
+                        use_cfg: bool) -> dict:
+  """Compiles one decode iteration for `topo`; reports per-chip memory and the HBM-bandwidth-bound step
+  time: (decoder weights the step multiplies + KV cache) bytes per chip / HBM bandwidth. Embedding rows
+  are gathered (8 per token) and the audio tower is unused, so neither counts."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from bagpiper_jax import sharding  # pylint: disable=g-import-not-at-top
+  from bagpiper_jax.generate import engine  # pylint: disable=g-import-not-at-top
+  from bagpiper_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+  devices = topology_lib.devices(topo)
+  mesh = Mesh(np.asarray(devices).reshape(1, 1, len(devices), 1), sharding.MESH_AXES)
+  gen = engine.Generator(ModelConfig.from_dict(config.model), None, mesh=mesh, max_cache_len=cache_len)
+  fn, params, state = gen.abstract_step(gen.step_shape(batch=batch, cache=cache_len, use_cfg=use_cfg))
+  t0 = time.time()
+  compiled = fn.lower(params, state).compile()
+  weights = _per_device_bytes({k: params[k] for k in ("layers", "lm_head", "norm", "stream_emb")})
+  cache = _per_device_bytes({k: state[k] for k in ("k", "v")})
+  step_s = (weights + cache) / HBM_BYTES_PER_S[topo.chip.name]
+  return {"topology": topo.describe(), "chips": topo.num_chips, "mesh": dict(mesh.shape), "batch": batch,
+          "cache_len": cache_len, "cfg_branch": use_cfg, "cache_rows": int(state["k"].shape[1]),
+          "compile_s": time.time() - t0, "memory": memory_report(compiled, topo.chip, params),
+          "weight_bytes_per_chip": weights, "cache_bytes_per_chip": cache, "hbm_step_time_s": step_s,
+          "hbm_tokens_per_s": batch / step_s}
+
+
+def format_decode_report(r: dict) -> str:
+  m, g = r["memory"], lambda x: _gib(x).strip()
+  cfg = f" + CFG branch ({r['cache_rows']} cache rows)" if r["cfg_branch"] else ""
+  return (f"decode step on {r['topology']}, mesh {r['mesh']}: batch {r['batch']} x cache "
+          f"{r['cache_len']}{cfg}; compile {r['compile_s']:.0f} s\n"
+          f"  per chip: arguments {g(m['arguments'])}, temps {g(m['temps'])}, total {g(m['total'])} of "
+          f"{g(m['hbm'])} HBM ({'fits' if m['fits'] else 'DOES NOT FIT'})\n"
+          f"  per step and chip: weights {g(r['weight_bytes_per_chip'])} + KV cache "
+          f"{g(r['cache_bytes_per_chip'])} -> >= {1e3 * r['hbm_step_time_s']:.2f} ms at HBM bandwidth = "
+          f"<= {r['hbm_tokens_per_s']:,.0f} tokens/s")
+
+
 def main(argv):
   F = flags.FLAGS
   if len(argv) > 1:
@@ -292,6 +340,15 @@ def main(argv):
   if F.config is None or not F.topology:
     raise app.UsageError("--config and --topology are required, e.g. "
                          "--config=configs/bagpiper_8b.py:pretrain --topology=v5p-128")
+  if F.decode:
+    topo = topology_lib.parse(F.topology, F.num_slices)
+    reps = [compile_decode_step(F.config, topo, batch=F.decode_batch, cache_len=F.decode_cache_len, use_cfg=c)
+            for c in (False, True)]
+    print("\n".join(format_decode_report(r) for r in reps), flush=True)
+    if F.report_json:
+      with open(F.report_json, "w") as f:
+        json.dump(reps, f, indent=1, default=str)
+    sys.exit(0 if all(r["memory"]["fits"] for r in reps) else NOT_FIT_EXIT)
   rep = run(F.config, F.topology, F.num_slices, assumed_mfu=F.assumed_mfu,
             step_time=F.step_time, config_name=config_flags.get_config_filename(flags.FLAGS["config"]),
             dump_hlo=F.dump_hlo)

@@ -169,3 +169,23 @@ def test_aot_compile_tiny_on_v5p_8():
   assert f["est_step_time_s"] > 0 and 0 < f["est_hardware_utilisation"] < 1
   text = aot_compile.format_report(rep)
   assert "FITS" in text and "arguments" in text and "temps" in text
+
+
+@needs_libtpu
+def test_decode_step_compiles_for_a_tpu_slice():
+  """The generation decode step (one loop iteration) for v5p-8, tiny model: memory report present,
+  the KV cache split over the tensor axis when the KV heads divide it, CFG doubling the cache rows."""
+  from launch import aot_compile  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  c.model.num_kv_heads = 4
+  c.model.num_heads = 4
+  topo = topology.parse("v5p-8")
+  plain = aot_compile.compile_decode_step(c, topo, batch=4, cache_len=256, use_cfg=False)
+  cfg = aot_compile.compile_decode_step(c, topo, batch=4, cache_len=256, use_cfg=True)
+  assert plain["mesh"]["tensor"] == 4 and plain["memory"]["fits"]
+  m = c.model
+  full_cache = 2 * m.num_layers * 4 * 256 * m.num_kv_heads * m.head_dim * 4  # k and v, fp32
+  assert plain["cache_bytes_per_chip"] == full_cache // 4  # split by KV heads over 4 chips
+  assert cfg["cache_rows"] == 8 and cfg["cache_bytes_per_chip"] == 2 * plain["cache_bytes_per_chip"]
+  assert 0 < plain["hbm_step_time_s"] < cfg["hbm_step_time_s"]
+  assert "per step and chip" in aot_compile.format_decode_report(plain)

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 from bagpiper_jax import audio as features
+from bagpiper_jax import evaluate
 from bagpiper_jax import tokenizer
 from bagpiper_jax.data import records
 from data_pipeline import demo
@@ -132,3 +133,22 @@ def test_ensure_demo_shards_end_to_end(tmp_path):
   assert set(evals) <= set(train)
   sft_train, sft_eval = demo.demo_sources(root, "sft")
   assert set(sft_train) == {"sft"} == set(sft_eval)
+
+
+def test_attributes_read_back_from_the_true_captions(tmp_path):
+  """The evaluator's reading of captions (manifests/attributes.json) recovers every attribute the
+  manifest rows carry from the demo's own true captions: accuracy 1.0, while chance is below it."""
+  paths = demo.make_demo_data(str(tmp_path), num_clips=60, seed=0, use_espeak=False)
+  data = evaluate.DemoEvalSet.load(paths.root)
+  rows = data.train_rows + data.rows
+  assert all("attributes" in r and r["attributes"]["kind"] for r in rows)
+  scores = evaluate.score_captions([r["attributes"] for r in rows], [r["rich_caption"] for r in rows],
+                                   data.spec, evaluate.majority(data.train_rows))
+  assert scores["accuracy"] == 1.0, {k: v for k, v in scores["attributes"].items() if v["accuracy"] < 1}
+  assert scores["chance"] < 0.6 and scores["items"] > 2 * len(rows)
+  assert {"kind", "level", "wave"} <= set(scores["attributes"])
+  # A caption of another clip scores lower; a caption that states nothing scores 0.
+  shifted = [r["rich_caption"] for r in rows[1:] + rows[:1]]
+  assert evaluate.score_captions([r["attributes"] for r in rows], shifted, data.spec, {})["accuracy"] < 0.7
+  empty = evaluate.score_captions([r["attributes"] for r in rows], [""] * len(rows), data.spec, {})
+  assert empty["accuracy"] == 0

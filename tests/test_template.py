@@ -179,3 +179,47 @@ def test_content_outside_the_model_layout_is_an_error(bad, match):
   with pytest.raises(template.TemplateError, match=match) as e:
     template.template_example(ex, CFG, where="shard f.array_record record 7")
   assert "shard f.array_record record 7" in str(e.value) and "bad-1" in str(e.value)
+
+
+def test_interleave_and_deinterleave_are_inverse():
+  """The delay pattern's two directions (template.interleave_codes / deinterleave_rows), issue 11 test c."""
+  rng = np.random.default_rng(7)
+  for t in (1, 2, 9, 50):
+    codes = rng.integers(0, CFG.codebook_size, (t, S)).astype(np.int16)
+    rows = template.interleave_codes(codes, CFG)
+    assert rows.shape == (t + S - 1, S)
+    back, invalid = template.deinterleave_rows(rows, CFG)
+    assert invalid == 0 and back.dtype == np.int32
+    np.testing.assert_array_equal(back, codes)
+    np.testing.assert_array_equal(template.interleave_codes(back, CFG), rows)
+    # The same rows as the templated training example's assistant audio.
+    ex = template.template_example({"id": "x", "messages": [
+        {"role": "user", "modality": "text", "text_ids": np.array([300])},
+        {"role": "assistant", "modality": "audio", "codes": codes}]}, CFG)
+    np.testing.assert_array_equal(ex["input_ids"][7:7 + t + S - 1], rows)
+  # Rows from a model that broke the pattern: pads inside frames count as invalid and read as code 0
+  # (the reference clips them silently), ids of another stream are clipped into the codebook.
+  rows = template.interleave_codes(np.full((3, S), 5), CFG)
+  rows[2, 1] = CFG.codec_pad_id(1)
+  rows[4, 3] = CFG.codec_id(4, 9)
+  back, invalid = template.deinterleave_rows(rows, CFG)
+  assert invalid == 2 and back[1, 1] == 0 and back[1, 3] == CFG.codebook_size - 1
+  assert template.deinterleave_rows(rows[:S - 1], CFG)[0].shape == (0, S)  # fewer than 8 rows: no frame
+
+
+def test_prompts_are_the_training_template_cut_at_the_first_assistant_message():
+  msgs = [{"role": "system", "modality": "text", "text_ids": np.array([300, 301])},
+          {"role": "user", "modality": "text", "text_ids": np.array([302])},
+          {"role": "assistant", "modality": "text", "text_ids": np.array([303])},
+          {"role": "assistant", "modality": "audio", "codes": np.zeros((2, S), np.int16)}]
+  prompt, enforce = template.template_prompt({"id": "x", "messages": msgs}, CFG)
+  full = template.template_example({"id": "x", "messages": msgs}, CFG)
+  assert enforce == ["text", "audio"]
+  n = len(prompt["input_ids"])
+  np.testing.assert_array_equal(prompt["input_ids"], full["input_ids"][:n])  # same rows, same code
+  assert prompt["input_ids"][-1, 0] == mc.EOS and full["input_ids"][n, 0] == mc.ASSISTANT
+  cut, enforce = template.task_prompt("sft_generation", [{"text_ids": np.array([300])},
+                                                         {"text_ids": np.array([5])}])
+  assert [m["role"] for m in cut] == ["system", "user"] and enforce == ["text", "audio"]
+  assert template.split_thinking(template.think_caption(" plan ", "A tone.")) == ("plan", "A tone.")
+  assert template.split_thinking("no thinking") == ("", "no thinking")

@@ -261,8 +261,11 @@ def make_train_iterator(config, cfg: ModelConfig, *, rows: int, process_index: i
 
 
 def make_eval_iterator(config, cfg: ModelConfig, *, rows: int, process_index: int, process_count: int,
-                       num_batches: int | None = None):
+                       num_batches: int | None = None, sources=None):
   """Finite, deterministic iterator over config.data.eval_sources (one pass, no shuffle).
+
+  `sources` (a subset of eval_sources, same format) evaluates those instead: one source at a time
+  gives the per-source losses (bagpiper_jax/evaluate.py).
 
   With num_batches set it yields exactly that many batches, all-padding ones after the data runs
   out, so every host runs the same number of eval steps (hosts' shares can pack into different
@@ -270,7 +273,7 @@ def make_eval_iterator(config, cfg: ModelConfig, *, rows: int, process_index: in
   """
   _check_template(config)
   pi, pc = _check_process(process_index, process_count)
-  specs = _source_specs(config.data.eval_sources, "eval_sources")
+  specs = _source_specs(config.data.eval_sources if sources is None else sources, "eval_sources")
   parts = [host_stream(ShardSource(name, shard_paths(name, spec["path"])), cfg, seed=None,
                        process_index=pi, process_count=pc)
            for name, spec in specs.items()]

@@ -30,6 +30,14 @@ and all of an assistant message is: its role row, its modality row, its content 
     audio frame weighs as much as one text token.
 <|bos|> and every non-assistant row weigh 0. Row 0 (<|bos|>) weighing 0 also matters for packing:
 its "predecessor" is the last row of the previous document in the packed row.
+
+Generation uses the same code (bagpiper_jax/generate): `template_prompt` is `template_example` of
+the messages before the first assistant message (the reference cuts there, so a prompt always ends
+with the closing <|eos|> of the last user/system message), `TASKS` says which messages each task
+has (the prompt is the part before the first assistant message, the assistant modalities after it
+are what the reference calls `enforce_modality`), `interleave_codes` / `deinterleave_rows` are the
+two directions of the delay pattern, and `think_caption` / `split_thinking` the SFT text format
+(docs/data.md#sft-data).
 """
 
 from __future__ import annotations
@@ -40,6 +48,113 @@ import numpy as np
 
 from bagpiper_jax.audio import mel_to_windows
 from bagpiper_jax.model import config as mc
+
+# Which messages (role, modality) each task has, in order (docs/data.md). The data tool builds
+# records in these shapes; generation templates the part before the first assistant message.
+TASKS: dict[str, tuple[tuple[str, str], ...]] = {
+    "audio_to_text": (("user", "audio"), ("assistant", "text")),
+    "text_to_audio": (("user", "text"), ("assistant", "audio")),
+    "text_only": (("assistant", "text"),),
+    # SFT (docs/data.md#sft-data): caption-then-process generation and understanding.
+    "sft_generation": (("system", "text"), ("user", "text"), ("assistant", "text"), ("assistant", "audio")),
+    "sft_understanding": (("system", "text"), ("user", "audio"), ("user", "text"), ("assistant", "text")),
+}
+
+# The reference's SFT system prompts (docs/data.md#sft-data) and default understanding question.
+TTS_SYSTEM_PROMPT = (
+    "You are a helpful assistant that generates audio based on user requests. You can create various "
+    "types of audio including sound effects, music, speech, ambient sounds, and any combination of "
+    "these. When given a request, first think through what the user wants and how to create "
+    "high-quality audio, then provide a detailed description of the audio you will generate.")
+UNDERSTAND_SYSTEM_PROMPT = "You are an audio understanding assistant."
+UNDERSTAND_DEFAULT_QUESTION = "What sound is in this audio?"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def think_caption(reasoning: str, caption: str) -> str:
+  r"""The assistant text of generation SFT: `<think>\n{reasoning}\n</think>\n\n{caption}`."""
+  return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{caption.strip()}"
+
+
+def split_thinking(text: str) -> tuple[str, str]:
+  """(reasoning, answer) of an assistant text; reasoning is "" when there is no `</think>`."""
+  if THINK_CLOSE not in text:
+    return "", text.strip()
+  head, tail = text.split(THINK_CLOSE, 1)
+  return head.replace(THINK_OPEN, "", 1).strip(), tail.strip()
+
+
+def task_messages(task: str, contents: list) -> list[dict[str, Any]]:
+  """Messages of `task` (TASKS) with the given contents, one per message, each a dict holding one
+  record content key (text_ids / mel / codes). Raises TemplateError on a count mismatch."""
+  if task not in TASKS:
+    raise TemplateError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+  shape = TASKS[task]
+  if len(contents) != len(shape):
+    raise TemplateError(f"task {task!r} has {len(shape)} messages {list(shape)}, got {len(contents)} "
+                        "contents")
+  return [{"role": r, "modality": m, **c} for (r, m), c in zip(shape, contents)]
+
+
+def task_prompt(task: str, contents: list) -> tuple[list[dict[str, Any]], list[str]]:
+  """(prompt messages of `task` with `contents`, one per message before the first assistant message;
+  modalities of its assistant messages) -- what generation templates and enforces for a task."""
+  if task not in TASKS:
+    raise TemplateError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+  shape = TASKS[task]
+  first = next((i for i, (role, _) in enumerate(shape) if role == "assistant"), len(shape))
+  if len(contents) != first:
+    raise TemplateError(f"task {task!r} prompts have {first} messages {list(shape[:first])}, got "
+                        f"{len(contents)}")
+  return ([{"role": r, "modality": m, **c} for (r, m), c in zip(shape[:first], contents)],
+          [m for _, m in shape[first:]])
+
+
+def split_at_first_assistant(messages: list) -> tuple[list, list[str]]:
+  """(messages before the first assistant message, modalities of the assistant messages from there).
+
+  The reference's inference cut (its `is_train=False` path): the prompt is everything before the
+  first assistant message; the assistant turns that follow are what the model generates.
+  """
+  for i, m in enumerate(messages):
+    if m["role"] == "assistant":
+      return list(messages[:i]), [x["modality"] for x in messages[i:] if x["role"] == "assistant"]
+  return list(messages), []
+
+
+def interleave_codes(codes: np.ndarray, cfg: mc.ModelConfig) -> np.ndarray:
+  """Codec codes [T, S] (0..codebook_size-1) -> delay-interleaved unified ids [T + S - 1, S].
+
+  Row r, stream n holds `codec_id(n, codes[r - n, n])` for n <= r < n + T and `codec_pad_id(n)`
+  elsewhere (the leading and trailing delay pads). `deinterleave_rows` is the inverse.
+  """
+  codes = np.asarray(codes)
+  t, s_count = codes.shape
+  pads = np.array([cfg.codec_pad_id(n) for n in range(s_count)], np.int32)
+  out = np.tile(pads, (t + s_count - 1, 1))
+  for n in range(s_count):
+    out[n:n + t, n] = codes[:, n].astype(np.int32) + pads[n] + 1
+  return out
+
+
+def deinterleave_rows(rows: np.ndarray, cfg: mc.ModelConfig) -> tuple[np.ndarray, int]:
+  """Delay-interleaved unified ids [R, S] -> (codes [R - S + 1, S] int32, number of invalid cells).
+
+  Frame f of stream n is read from row f + n (the reference's `T_original = R - 7`). A cell that is
+  not one of stream n's codes (its pad, or any other id) is counted as invalid and, as the reference
+  does, clipped into the codebook (a pad becomes code 0). The exact inverse of `interleave_codes`:
+  `deinterleave_rows(interleave_codes(c)) == (c, 0)` and, for rows with pads exactly in the delay
+  positions, `interleave_codes(deinterleave_rows(r)[0]) == r`.
+  """
+  rows = np.asarray(rows)
+  r, s_count = rows.shape
+  t = r - s_count + 1
+  if t <= 0:
+    return np.zeros((0, s_count), np.int32), 0
+  base = np.array([cfg.codec_pad_id(n) + 1 for n in range(s_count)], np.int64)
+  cells = np.stack([rows[n:n + t, n] for n in range(s_count)], axis=1).astype(np.int64) - base
+  invalid = int(np.sum((cells < 0) | (cells >= cfg.codebook_size)))
+  return np.clip(cells, 0, cfg.codebook_size - 1).astype(np.int32), invalid
 
 
 class TemplateError(ValueError):
@@ -121,11 +236,7 @@ def template_example(example: Mapping[str, Any], cfg: mc.ModelConfig, *,
       if codes.min() < 0 or codes.max() >= cfg.codebook_size:
         raise TemplateError(f"{where}: messages[{i}].codes outside [0, {cfg.codebook_size}): "
                             f"min {codes.min()}, max {codes.max()}")
-      t_frames = codes.shape[0]
-      block = ids[r:r + n]
-      block[:] = pad_ids
-      for s in range(s_count):
-        block[s:s + t_frames, s] = codes[:, s].astype(np.int32) + code_base[s]
+      ids[r:r + n] = interleave_codes(codes, cfg)
       if trained:
         weights[r:r + n] = codec_weight
     else:  # continuous audio
@@ -162,3 +273,16 @@ def template_example(example: Mapping[str, Any], cfg: mc.ModelConfig, *,
       "audio_mel": audio_mel,
       "audio_chunk_lens": chunk_lens,
   }
+
+
+def template_prompt(example: Mapping[str, Any], cfg: mc.ModelConfig, *,
+                    where: str = "prompt") -> tuple[dict[str, np.ndarray], list[str]]:
+  """A generation prompt from an example (record format, assistant messages optional).
+
+  Returns (arrays of `template_example` for the messages before the first assistant message, the
+  modalities of the assistant messages after it). The prompt ends with <|eos|>; the model is then
+  fed <|assistant|> and chooses (or is told) the modality (docs/model.md#decoding-rules-of-the-reference).
+  """
+  prompt, assistant = split_at_first_assistant(list(example["messages"]))
+  out = template_example({**example, "messages": prompt}, cfg, where=where)
+  return out, assistant

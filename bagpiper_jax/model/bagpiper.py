@@ -48,7 +48,7 @@ class Bagpiper(nn.Module):
     init = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
     self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt,
                                  embedding_init=init(("vocab", "embed")))
-    self.layers = layers.scanned_decoder_layers(cfg)(cfg)
+    self.layers = self.decoder_stack()
     self.norm = layers.RMSNorm(cfg.rms_norm_eps, dt, pdt)
     self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, init(("embed", "vocab")), dt, pdt)
     self.stream_emb = nn.Embed(
@@ -59,6 +59,10 @@ class Bagpiper(nn.Module):
                             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
     self.audio_encoder = AudioEncoder(cfg.audio_encoder, dtype=dt, param_dtype=pdt,
                                       remat_policy=cfg.remat_policy)
+
+  def decoder_stack(self):
+    """The scanned decoder layers (model/decode.py overrides this with their KV-cache form)."""
+    return layers.scanned_decoder_layers(self.cfg)(self.cfg)
 
   # ---- pieces ----
 

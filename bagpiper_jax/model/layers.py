@@ -124,6 +124,31 @@ def attend(q, k, v, segment_ids, q_chunk: int = 0):
   return jnp.moveaxis(out, 0, 1).reshape(b, n * q_chunk, h, d)[:, :l]
 
 
+def attend_cached(q, k, v, segment_ids, k_cache, v_cache, kv_mask):
+  """Decode-time attention: new rows attend to earlier rows in a KV cache and to each other.
+
+  q [B, T, H, D]; k, v [B, T, K, D] of the T new rows; segment_ids [B, T] of the new rows (causal
+  among them, per document, as `attend`); k_cache, v_cache [B, S, K, D]; kv_mask [B, S] says which
+  cache slots each row may see. One softmax over both key sets (float32), as `attend` computes it.
+  """
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, h // kv, d)
+  low = jnp.finfo(jnp.float32).min
+  scale = d ** -0.5
+  s_cache = jnp.einsum("bqkgd,bskd->bkgqs", qg, k_cache, preferred_element_type=jnp.float32) * scale
+  s_cache = jnp.where(kv_mask[:, None, None, None, :], s_cache, low)
+  s_new = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+  s_new = jnp.where(packed_causal_mask(segment_ids, segment_ids)[:, None, None], s_new, low)
+  m = jnp.maximum(s_cache.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+  p_cache, p_new = jnp.exp(s_cache - m), jnp.exp(s_new - m)
+  denom = p_cache.sum(-1) + p_new.sum(-1)  # [B, K, G, T]
+  out = (jnp.einsum("bkgqs,bskd->bqkgd", p_cache.astype(v.dtype), v_cache, preferred_element_type=jnp.float32)
+         + jnp.einsum("bkgqs,bskd->bqkgd", p_new.astype(v.dtype), v, preferred_element_type=jnp.float32))
+  out = out / jnp.moveaxis(denom, 3, 1)[..., None]
+  return out.reshape(b, t, h, d)
+
+
 def _dense_init(cfg: ModelConfig, axes):
   return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
 
@@ -172,10 +197,14 @@ def splash_attend(q, k, v, segment_ids, *, interpret: bool = False, block: int =
 
 
 class Attention(nn.Module):
+  """GQA self-attention. With `decode` (generation, bagpiper_jax/model/decode.py) it also returns the
+  new rows' (k, v) for the KV cache, and attends to `cache` = (k_cache, v_cache, kv_mask) when given."""
+
   cfg: ModelConfig
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, x, positions, segment_ids, cache=None):
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     proj = functools.partial(Proj, dtype=dt, param_dtype=pdt)
@@ -191,7 +220,9 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
     k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
-    if cfg.attention_impl == "xla":
+    if cache is not None:
+      out = attend_cached(q, k, v, segment_ids, *cache).astype(dt)
+    elif cfg.attention_impl == "xla":
       out = attend(q, k, v, segment_ids, cfg.attention_q_chunk).astype(dt)
     elif cfg.attention_impl in ("splash", "splash_interpret"):
       out = splash_attend(q, k, v, segment_ids, interpret=cfg.attention_impl == "splash_interpret").astype(dt)
@@ -199,8 +230,9 @@ class Attention(nn.Module):
       raise ValueError(f"unknown model.attention_impl {cfg.attention_impl!r}; "
                        "expected 'xla', 'splash' or 'splash_interpret'")
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-    return proj((cfg.hidden_size,), _dense_init(cfg, ("heads", "head_dim", "embed")), in_axes=2,
-                name="o_proj")(out)
+    out = proj((cfg.hidden_size,), _dense_init(cfg, ("heads", "head_dim", "embed")), in_axes=2,
+               name="o_proj")(out)
+    return (out, (k, v)) if self.decode else out
 
 
 class MLP(nn.Module):
@@ -218,20 +250,31 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm Qwen3 block. Signature (carry, broadcast...) -> (carry, None) for nn.scan."""
+  """Pre-norm Qwen3 block. Signature (carry, broadcast...) -> (carry, None) for nn.scan.
+
+  With `decode`: (x, positions, segment_ids, cache, kv_mask) -> (x, (k, v) of the new rows), where
+  `cache` = this layer's (k_cache, v_cache) or None (prefill: attention as in training).
+  """
 
   cfg: ModelConfig
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, x, positions, segment_ids, cache=None, kv_mask=None):
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
-    x = x + Attention(cfg, name="self_attn")(h, positions, segment_ids)
+    attn = Attention(cfg, self.decode, name="self_attn")
+    kv = None
+    if self.decode:
+      a, kv = attn(h, positions, segment_ids, None if cache is None else (*cache, kv_mask))
+    else:
+      a = attn(h, positions, segment_ids)
+    x = x + a
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
     x = x + MLP(cfg, name="mlp")(h)
-    return x, None
+    return x, kv
 
 
 REMAT_POLICIES = {
@@ -249,11 +292,18 @@ def remat_policy(name: str):
   return REMAT_POLICIES[name]
 
 
-def scanned_decoder_layers(cfg: ModelConfig):
+def scanned_decoder_layers(cfg: ModelConfig, decode: bool = False):
   """DecoderLayer stacked on a leading 'layers' axis and run with nn.scan (compile time flat in depth).
 
   Instantiate as `scanned_decoder_layers(cfg)(cfg, name="layers")`; call `(x, positions, segment_ids)`.
+  Decode (generation): `scanned_decoder_layers(cfg, decode=True)(cfg, decode=True)`, called
+  `(x, positions, segment_ids, cache, kv_mask)` with cache = (k, v) [layers, B, S, K, D] or None;
+  returns (x, (k, v) [layers, B, T, K, D] of the new rows). Same parameters, no remat.
   """
+  if decode:
+    return nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
   layer = DecoderLayer
   if cfg.remat_policy != "none":
     layer = nn.remat(layer, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
