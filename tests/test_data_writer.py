@@ -255,7 +255,7 @@ def test_restart_skips_finished_shards(corpus, tmp_path):
 
 
 def test_command_line(corpus, tmp_path):
-  manifest = _small_manifest(tmp_path, n=2)
+  _small_manifest(tmp_path, n=2)
   out = tmp_path / "cli"
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   res = subprocess.run(

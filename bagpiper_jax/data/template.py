@@ -206,8 +206,6 @@ def template_example(example: Mapping[str, Any], cfg: mc.ModelConfig, *,
   mels, lens = [], []
   windows = 0
   codec_weight = cfg.codec_loss_weight
-  pad_ids = np.array([cfg.codec_pad_id(n) for n in range(s_count)], np.int32)
-  code_base = pad_ids + 1  # codec_id(n, c) = codec_pad_id(n) + 1 + c
 
   ids[0, 0] = mc.BOS
   r = 1

@@ -356,7 +356,7 @@ class Generator:
     `params` are already cast (`cast`); so are they for `decode_step`, the loop body.
     """
     cfg = self.cfg
-    b, pl, s = shape.batch, shape.prompt, shape.cache
+    b, s = shape.batch, shape.cache
     b2 = 2 * b if shape.use_cfg else b
     _, (k, v) = self._apply(params, BagpiperDecoder.prefill, batch)
     zeros = jnp.zeros((cfg.num_layers, b2, s, cfg.num_kv_heads, cfg.head_dim), k.dtype)
