@@ -8,6 +8,14 @@ in index.json, so a mis-exported dataset shows up in the summary instead of sile
 pitch or length. `sample_rate_policy="error"` makes such files errors instead. A manifest line that
 states its own "sample_rate" which the file contradicts is always an error (the manifest is wrong
 about the file, so its segment times may be too).
+
+Batches. `build_many` builds several items at once so the codec runs on batches: clips of EQUAL
+length are encoded together (the X-Codec encoder has no padding mask, so only equal lengths give
+the same codes as one at a time; the published data is cut into fixed-length segments, so most
+clips batch). Audio bytes that are not local files (embedded in parquet/tar inputs, or on gs://)
+are passed in as `blobs`, keyed by the reference the item names (data_pipeline/hub.py).
+Curation filters (data_pipeline/filters.py), when enabled, drop pretraining records as errors of
+kind `filter_<reason>`.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from bagpiper_jax import tokenizer as tokenizer_lib
 from bagpiper_jax.model.config import encoder_output_length
 
 from data_pipeline import codes as codes_lib
+from data_pipeline import filters as filters_lib
 from data_pipeline import manifest as manifest_lib
 
 SAMPLE_RATE_POLICIES = ("resample", "error")
@@ -37,6 +46,7 @@ class BuildSettings:
   tokenizer: str
   codec: str = ""  # codes.load_codec spec
   sample_rate_policy: str = "resample"
+  filters: filters_lib.FilterSettings = filters_lib.FilterSettings()  # curation filters (all off)
 
 
 class ItemError(Exception):
@@ -56,15 +66,31 @@ class Result:
   audio_rows: int = 0
 
 
-class Builder:
-  """Turns items into records. Construct once per worker process."""
+class _PendingCodes:
+  """Stands for the codes of one clip until its batch is encoded (build_many)."""
 
-  def __init__(self, settings: BuildSettings):
+  def __init__(self, path: str, wav: np.ndarray):
+    self.path, self.wav = path, wav
+    self.codes: Optional[np.ndarray] = None
+    self.error: Optional[ItemError] = None
+
+
+class Builder:
+  """Turns items into records. Construct once per worker process.
+
+  codec_device: where the X-Codec encoder runs ("cpu" or "cuda"); codec_batch_size: most clips per
+  encoder call (1: one at a time).
+  """
+
+  def __init__(self, settings: BuildSettings, *, codec_device: str = "cpu", codec_batch_size: int = 1):
     if settings.sample_rate_policy not in SAMPLE_RATE_POLICIES:
       raise ValueError(f"sample_rate_policy {settings.sample_rate_policy!r} not in {SAMPLE_RATE_POLICIES}")
     self.settings = settings
     self.tokenizer = tokenizer_lib.load_tokenizer(settings.tokenizer)
-    self.codec = codes_lib.load_codec(settings.codec)
+    self.codec = codes_lib.load_codec(settings.codec, device=codec_device)
+    self.codec_batch_size = max(int(codec_batch_size), 1)
+    self._blobs: dict[str, Any] = {}
+    self._pending: Optional[list[_PendingCodes]] = None
 
   # -- content builders ---------------------------------------------------------------------------
 
@@ -78,8 +104,11 @@ class Builder:
     return np.asarray(ids, dtype=np.int32) + tokenizer_lib.UNIFIED_TEXT_OFFSET
 
   def _load(self, path: str, start, end, declared_sr, warnings: list, item) -> np.ndarray:
+    data = self._blobs.get(path)
+    if isinstance(data, Exception):  # embedded / remote audio that could not be read
+      raise ItemError("missing_audio", str(data))
     try:
-      wav, orig_sr = audio.load_audio(path, start=start, end=end)
+      wav, orig_sr = audio.load_audio(path, start=start, end=end, data=data)
     except audio.AudioError as e:
       kind = "missing_audio" if "file not found" in str(e) else (
           "bad_segment" if "segment" in str(e) else "corrupt_audio")
@@ -95,6 +124,10 @@ class Builder:
                                          item_id=item.id, source=item.source, audio=path))
     if wav.shape[0] < audio.HOP_LENGTH * 2:
       raise ItemError("too_short", f"{path}: only {wav.shape[0]} samples after cutting")
+    dropped = item.task in ("audio_to_text", "text_to_audio") and filters_lib.duration_reason(
+        self.settings.filters, wav.shape[0] / audio.SAMPLE_RATE)
+    if dropped:
+      raise ItemError(dropped[0], f"{path}: {dropped[1]}")
     return wav
 
   def mel(self, path, start, end, declared_sr, warnings, item) -> np.ndarray:
@@ -106,6 +139,10 @@ class Builder:
     wav = self._load(path, start, end, declared_sr, warnings, item) if self.codec.needs_waveform else None
     if wav is None and not os.path.exists(path):
       raise ItemError("missing_audio", f"{path}: file not found")
+    if wav is not None and self._pending is not None:  # build_many encodes it with its batch
+      pending = _PendingCodes(path, wav)
+      self._pending.append(pending)
+      return pending
     try:
       return self.codec.encode_file(path, start=start, end=end, wav_16k=wav)
     except (codec_lib.CodecError, audio.AudioError) as e:
@@ -113,21 +150,79 @@ class Builder:
 
   # -- items --------------------------------------------------------------------------------------
 
-  def build(self, item: manifest_lib.Item) -> Result:
-    res = Result()
+  def build(self, item: manifest_lib.Item, blobs: Optional[dict] = None) -> Result:
+    return self.build_many([item], blobs)[0]
+
+  def build_many(self, items: list, blobs: Optional[dict] = None) -> list[Result]:
+    """build() of each item (same results), with the codec run on batches of equal-length clips.
+
+    blobs: {audio reference: bytes or the Exception met reading them} for audio that is not a local
+    file (hub.fetch_audio).
+    """
+    self._blobs = blobs or {}
+    self._pending = [] if self.codec is not None and self.codec.needs_waveform else None
     try:
-      messages = self._messages(item, res.warnings)
-      rec = {"id": item.id, "source": item.source, "task": item.task, "messages": messages}
-      records.validate(rec, where=f"{item.manifest}:{item.line}")
+      staged = []
+      for item in items:
+        res = Result()
+        staged.append((item, res, self._guarded(item, res, lambda: self._messages(item, res.warnings))))
+      self._encode_pending()
+      for item, res, messages in staged:
+        if res.error is None:
+          self._finish(item, res, messages)
+    finally:
+      self._blobs, self._pending = {}, None
+    return [res for _, res, _ in staged]
+
+  def _guarded(self, item, res: Result, fn):
+    """fn(), or None with res.error set to the reason it failed (never crash the run on one line)."""
+    try:
+      return fn()
     except ItemError as e:
       res.error = manifest_lib.error(item.manifest, item.line, e.kind, str(e), item_id=item.id,
                                      source=item.source, audio=item.audio_path())
-      return res
-    except Exception as e:  # never crash the run on one bad line; report it
+    except Exception as e:  # pylint: disable=broad-except
       res.error = manifest_lib.error(item.manifest, item.line, "internal",
                                      f"{type(e).__name__}: {e}", item_id=item.id,
                                      source=item.source, audio=item.audio_path())
-      return res
+    return None
+
+  def _encode_pending(self) -> None:
+    """Encodes the clips build_many collected: equal lengths together, codec_batch_size at most."""
+    groups: dict[int, list[_PendingCodes]] = {}
+    for p in self._pending or ():
+      groups.setdefault(p.wav.shape[0], []).append(p)
+    for group in groups.values():
+      for i in range(0, len(group), self.codec_batch_size):
+        batch = group[i:i + self.codec_batch_size]
+        try:
+          for p, c in zip(batch, self.codec.encode_batch([p.wav for p in batch], [p.path for p in batch])):
+            p.codes = c
+        except (codec_lib.CodecError, audio.AudioError) as e:
+          if len(batch) == 1:
+            batch[0].error = ItemError("codec", str(e))
+            continue
+          for p in batch:  # find the clip at fault: one at a time
+            try:
+              p.codes = self.codec.encode_file(p.path, wav_16k=p.wav)
+            except (codec_lib.CodecError, audio.AudioError) as e1:
+              p.error = ItemError("codec", str(e1))
+
+  def _finish(self, item, res: Result, messages: list) -> None:
+    def resolve():
+      for m in messages:
+        p = m.get("codes")
+        if isinstance(p, _PendingCodes):
+          if p.error is not None:
+            raise p.error
+          m["codes"] = p.codes
+      rec = {"id": item.id, "source": item.source, "task": item.task, "messages": messages}
+      records.validate(rec, where=f"{item.manifest}:{item.line}")
+      return rec
+
+    rec = self._guarded(item, res, resolve)
+    if rec is None:
+      return
     res.record = rec
     for m in messages:
       if "text_ids" in m:
@@ -136,7 +231,6 @@ class Builder:
         res.audio_rows += encoder_output_length(int(m["mel"].shape[1]))
       else:
         res.audio_rows += int(m["codes"].shape[0]) + codec_lib.NUM_CODEBOOKS - 1  # delay interleave
-    return res
 
   def _messages(self, item: manifest_lib.Item, warnings: list) -> list[dict[str, Any]]:
     row = item.row
@@ -145,6 +239,9 @@ class Builder:
     if item.task in ("audio_to_text", "text_to_audio"):
       seg = (row["audio"], row.get("start"), row.get("end"), row.get("sample_rate"), warnings, item)
       caption = self.text_ids(row["rich_caption"].strip())
+      dropped = filters_lib.caption_reason(self.settings.filters, row["rich_caption"].strip(), len(caption))
+      if dropped:
+        raise ItemError(*dropped)
       if item.task == "audio_to_text":
         return [{"role": "user", "modality": "audio", "mel": self.mel(*seg)},
                 {"role": "assistant", "modality": "text", "text_ids": caption}]

@@ -1,7 +1,7 @@
 """Assistant-audio codes for the record writer: one interface, two ways to get them.
 
   XcodecBackend(local_dir)   runs the X-Codec encoder (bagpiper_jax.codec.XCodec) on the audio,
-                             torch, CPU or CUDA; one clip at a time (clips differ in length).
+                             torch, CPU or CUDA; `encode_batch` takes clips of equal length.
   NpyCodesBackend(dir=None)  reads codes precomputed elsewhere (e.g. on GPUs) from `<stem>.npy`
                              next to the audio file, or in `dir`.
 
@@ -43,6 +43,10 @@ class CodecBackend(abc.ABC):
     except Exception as e:  # a model failure on this clip: report it against the file
       raise CodecError(f"{path}: {self.name} failed ({type(e).__name__}: {e})") from e
 
+  def encode_batch(self, wavs: list[np.ndarray], paths: list[str]) -> list[np.ndarray]:
+    """Codes of several clips of EQUAL length (the same codes as one at a time); paths name them."""
+    return [self.encode_file(p, wav_16k=w) for w, p in zip(wavs, paths)]
+
   @property
   def needs_waveform(self) -> bool:
     return True
@@ -58,6 +62,18 @@ class XcodecBackend(CodecBackend):
 
   def encode(self, wav_16k: np.ndarray) -> np.ndarray:
     return self.codec.encode(wav_16k)
+
+  def encode_batch(self, wavs: list[np.ndarray], paths: list[str]) -> list[np.ndarray]:
+    if len(wavs) == 1:
+      return [self.encode_file(paths[0], wav_16k=wavs[0])]
+    where = f"{paths[0]} (+{len(paths) - 1} clips batched with it)"
+    try:
+      out = self.codec.encode_batch(wavs)
+    except CodecError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (the caller retries clip by clip)
+      raise CodecError(f"{where}: {self.name} failed ({type(e).__name__}: {e})") from e
+    return [check_codes(c, p) for c, p in zip(out, paths)]
 
 
 class NpyCodesBackend(CodecBackend):
@@ -122,12 +138,27 @@ def check_codec_spec(spec: str) -> tuple[str, str]:
   raise ValueError(f"--codec {spec!r}: expected '', 'npy', 'npy:<dir>' or 'xcodec:<local dir>'")
 
 
-def load_codec(spec: str) -> Optional[CodecBackend]:
-  """The backend for a --codec flag (see check_codec_spec); None for ""."""
+CODEC_DEVICES = ("cpu", "cuda")
+
+
+def load_codec(spec: str, *, device: str = "cpu") -> Optional[CodecBackend]:
+  """The backend for a --codec flag (see check_codec_spec); None for "".
+
+  device: where the X-Codec encoder runs. "cpu" uses one torch thread (the writer runs one worker
+  per core); "cuda" needs a GPU on this machine and says so when there is none.
+  """
   kind, arg = check_codec_spec(spec)
+  if device not in CODEC_DEVICES:
+    raise ValueError(f"--codec_device {device!r}: expected one of {CODEC_DEVICES}")
   if kind == "npy":
     return NpyCodesBackend(arg or None)
   if kind == "xcodec":
+    if device == "cuda":
+      import torch  # pylint: disable=g-import-not-at-top  (optional PyTorch peer)
+      if not torch.cuda.is_available():
+        raise RuntimeError("--codec_device=cuda but torch sees no CUDA device on this worker "
+                           f"({torch.__version__}); use --codec_device=cpu or a GPU worker")
+      return XcodecBackend(arg, device="cuda")
     return XcodecBackend(arg, num_threads=1)
   return None
 
