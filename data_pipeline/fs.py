@@ -20,12 +20,14 @@ from typing import Any, Iterator, Optional
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from bagpiper_jax import paths
+
 RAW = CompressionTypes.UNCOMPRESSED
 
 
 def is_remote(path: str) -> bool:
-  """True for paths with a scheme other than a local file (gs://, s3://, ...)."""
-  return "://" in path and not path.startswith("file://")
+  """True for URLs (gs://, s3://, ...): read and written through Beam's file systems."""
+  return paths.is_url(path)
 
 
 def join(base: str, *parts: str) -> str:
@@ -41,7 +43,7 @@ def basename(path: str) -> str:
 
 
 def absolute(path: str) -> str:
-  return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+  return paths.resolve(path)
 
 
 def relative(path: str, base: str) -> str:
