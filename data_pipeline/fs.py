@@ -60,7 +60,7 @@ def match(pattern: str) -> list[str]:
   """Sorted paths matching a glob (local or remote); [] when nothing matches."""
   try:
     res = FileSystems.match([pattern])[0]
-  except Exception:  # pylint: disable=broad-except  (Beam raises BeamIOError for "no match" on some file systems)
+  except Exception:  # pylint: disable=broad-except  (BeamIOError for "no match" on some file systems)
     return []
   return sorted(m.path for m in res.metadata_list)
 

@@ -54,6 +54,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -80,6 +81,7 @@ RUN_DIR = ".write_run"  # per-run scratch in out_dir (plan for progress, fatal m
 # Uncompressed: mel-bearing records read ~2.5x faster that way and compress by only ~8%
 # (measured with `python -m data_pipeline.bench --writer_options=...`).
 WRITER_OPTIONS = "group_size:1,uncompressed"
+PROGRESS_EVERY_S = 10.0  # the launcher's progress line
 FETCH_WINDOW = 256  # items whose embedded / remote audio is fetched together (one pass per input file)
 _SHARD_RE = re.compile(r"^shard-\d{5}-of-\d{5}\.(array_record|done)$")
 
@@ -320,7 +322,7 @@ class WriteShard(beam.DoFn):
       return
     try:
       marker = self.writer.write(path, source, items, fp)
-    except Exception as e:  # pylint: disable=broad-except  (e.g. disk full: report, no marker, re-run retries)
+    except Exception as e:  # pylint: disable=broad-except  (disk full...: reported; a re-run retries)
       failure = {"path": path, "reason": f"{type(e).__name__}: {e}",
                  "items": [(it.manifest, it.line, it.id, it.audio_path()) for it in items]}
       yield job, source, idx, "failed", failure
@@ -388,11 +390,12 @@ def summarise(job: Job, plan: dict, outcomes: list, line_errors: list, cfg: RunC
   for c in categories.values():
     c["total_rows"] = c["text_tokens"] + c["audio_rows"]
   removed_stale = _remove_stale(planned, [fs.join(out_dir, s) for s in plan["order"]], out_dir)
-  fs.write_bytes(fs.join(out_dir, ERRORS_FILE), "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
-  fs.write_bytes(fs.join(out_dir, WARNINGS_FILE),
-                 "".join(json.dumps(w, sort_keys=True) + "\n" for w in warnings).encode())
+  for name, rows in ((ERRORS_FILE, errors), (WARNINGS_FILE, warnings)):
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    fs.write_bytes(fs.join(out_dir, name), text.encode())
   seconds = time.time() - cfg.started
-  filtered = collections.Counter(e["kind"][len("filter_"):] for e in errors if e["kind"].startswith("filter_"))
+  filtered = collections.Counter(e["kind"][len("filter_"):] for e in errors
+                                 if e["kind"].startswith("filter_"))
   index = {
       "format": FORMAT_VERSION,
       "manifests": list(job.inputs),
@@ -475,8 +478,8 @@ def pipeline_options(args: Optional[list] = None, *, num_workers: Optional[int] 
   std = opts.view_as(StandardOptions)
   if std.runner in (None, "DirectRunner", "direct"):
     all_opts = opts.get_all_options(drop_default=True)
-    workers = all_opts.get("direct_num_workers") or (max(num_workers, 1) if num_workers is not None else None) \
-        or all_opts.get("num_workers") or os.cpu_count()
+    given = max(num_workers, 1) if num_workers is not None else None
+    workers = all_opts.get("direct_num_workers") or given or all_opts.get("num_workers") or os.cpu_count()
     mode = all_opts.get("direct_running_mode") or ("multi_processing" if workers > 1 else "in_memory")
     opts = PipelineOptions(flags=list(args or []), direct_num_workers=workers, direct_running_mode=mode,
                            default_sdk_harness_log_level="ERROR")
@@ -494,9 +497,9 @@ def _workers(opts: PipelineOptions) -> tuple[str, Optional[int]]:
 class _ProgressThread(threading.Thread):
   """Launcher-side progress line: shard markers in the output directories vs the run's plan."""
 
-  def __init__(self, cfg: RunConfig, stream=sys.stderr, every: float = 10.0):
+  def __init__(self, cfg: RunConfig, every: float = 10.0):
     super().__init__(daemon=True)
-    self.cfg, self.stream, self.every = cfg, stream, every
+    self.cfg, self.stream, self.every = cfg, sys.stderr, every
     self.stop = threading.Event()
 
   def run(self):
@@ -574,14 +577,18 @@ def write_many(jobs: list[tuple[Iterable[str], str]], settings: build_lib.BuildS
   for job in checked:
     log(f"[data_pipeline.write] {job.out_dir}: {len(job.inputs)} input file(s); runner {runner}"
         + (f", {workers} worker(s)" if workers else ""))
-  bar = _ProgressThread(cfg) if progress else None
+  bar = _ProgressThread(cfg, PROGRESS_EVERY_S) if progress else None
   if bar:
     bar.start()
+  beam_log = logging.getLogger("apache_beam")
+  level = beam_log.level
+  beam_log.setLevel(max(level, logging.WARNING))  # runner start-up chatter; our own lines say what matters
   try:
     p = beam.Pipeline(options=opts)
     build_pipeline(p, cfg)
     p.run().wait_until_finish()
   finally:
+    beam_log.setLevel(level)
     if bar:
       bar.stop.set()
   indexes = []

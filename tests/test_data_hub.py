@@ -61,7 +61,8 @@ def _read_file(path: str) -> list[dict]:
 
 
 def _read(out_dir: str, source: str) -> list[dict]:
-  return [r for p in sorted(glob.glob(os.path.join(out_dir, source, "*.array_record"))) for r in _read_file(p)]
+  paths = sorted(glob.glob(os.path.join(out_dir, source, "*.array_record")))
+  return [r for p in paths for r in _read_file(p)]
 
 
 @pytest.fixture(scope="module")

@@ -272,3 +272,14 @@ def test_command_line(corpus, tmp_path):
        f"--out_dir={out}", f"--tokenizer={corpus['tokenizer']}"],
       capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
   assert bad.returncode != 0 and "matches no file" in bad.stderr
+
+
+def test_progress_line(corpus, tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(writer, "PROGRESS_EVERY_S", 0.05)
+  manifest = _small_manifest(tmp_path, n=6)
+  settings = build.BuildSettings(tokenizer=corpus["tokenizer"])
+  writer.write_shards([manifest], str(tmp_path / "out"), settings, shard_size=1, num_workers=1, progress=True)
+  err = capsys.readouterr().err
+  assert "[data_pipeline.write] reading inputs" in err or "shards (12 items)" in err
+  lines = [l for l in err.splitlines() if "shards (12 items)" in l]
+  assert lines and "/12 shards" in lines[-1] and "ETA" in lines[-1]
