@@ -161,7 +161,7 @@ def load_codec(spec: str, *, device: str = "cpu") -> Optional[CodecBackend]:
       # Full fp32, no TF32: measured on an H100 (full-size random X-Codec, 32 x 10 s clips), TF32
       # convolutions (torch's default) change 0.4-0.7% of the codes against the CPU and 0.35% between
       # batched and one-at-a-time; without TF32, 0-0.03% and 0.0008%, at 1000 instead of 1600
-      # audio-s/s (batch 32). docs/data.md#writing-at-scale.
+      # audio-s/s (batch 32). docs/data.md#writing-the-shards-at-scale.
       torch.backends.cuda.matmul.allow_tf32 = False
       torch.backends.cudnn.allow_tf32 = False
       return XcodecBackend(arg, device="cuda")

@@ -12,8 +12,9 @@ fresh directories. Reports records/s and audio-seconds/s per core (wall time inc
 divided by the workers) and the Beam / pool ratio of the medians. The outputs are compared too
 (the shard files must be identical).
 
-Part "kinds": one process, one thread, the writer's Builder on 10 s clips:
-  mel (understanding records):   load + 128-bin log-mel, per audio second;
+Part "kinds": one process, one thread, the writer's Builder on 10 s clips (Ogg/Opus as on the Hub,
+or --clip_format=wav):
+  mel (understanding records):   decode + 128-bin log-mel, per audio second;
   codec (generation records):    load + X-Codec encode with a FULL-SIZE random-weight XcodecModel
                                  (transformers' XcodecConfig() defaults, the xcodec-hubert-general
                                  architecture: same FLOPs as the real weights), per audio second,
@@ -52,6 +53,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 2, "Runs of each engine (alternating)."
 _CLIPS = flags.DEFINE_integer("clips", 4, "10 s clips per kind in part 'kinds'.")
 _CODEC_DEVICE = flags.DEFINE_enum("codec_device", "cpu", ["cpu", "cuda"],
                                   "Where X-Codec runs (part 'kinds').")
+_FORMAT = flags.DEFINE_enum("clip_format", "opus", ["opus", "wav"],
+                            "How the clips are stored (part 'kinds'); the Hub's data is Ogg/Opus.")
 _BATCHES = flags.DEFINE_list("codec_batch_sizes", ["1", "4"], "X-Codec batch sizes to time (part 'kinds').")
 
 
@@ -117,15 +120,17 @@ def engines(root: str, workers: int, rounds: int) -> None:
   print(f"beam / pool: {med['pool'] / med['beam']:.2f}x records/s and audio-s/s (same work, same run)")
 
 
-def _clips(d: str, n: int, seconds: float = 10.0) -> str:
+def _clips(d: str, n: int, fmt: str, seconds: float = 10.0) -> str:
   rng = np.random.default_rng(0)
   rows = []
   os.makedirs(d, exist_ok=True)
   for i in range(n):
     t = np.arange(int(seconds * 16000)) / 16000
     x = 0.2 * np.sin(2 * np.pi * (200 + 50 * i) * t) + 0.05 * rng.standard_normal(t.shape)
-    sf.write(os.path.join(d, f"c{i}.wav"), x.astype(np.float32), 16000, subtype="PCM_16")
-    rows.append({"audio": f"c{i}.wav", "rich_caption": "A tone over noise.", "direction": "und,gen",
+    name = f"c{i}.{fmt}"
+    sf.write(os.path.join(d, name), x.astype(np.float32), 16000,
+             **(dict(format="OGG", subtype="OPUS") if fmt == "opus" else dict(subtype="PCM_16")))
+    rows.append({"audio": name, "rich_caption": "A tone over noise.", "direction": "und,gen",
                  "category": "sound", "dataset": "bench"})
   m = os.path.join(d, "m.jsonl")
   with open(m, "w") as f:
@@ -133,9 +138,9 @@ def _clips(d: str, n: int, seconds: float = 10.0) -> str:
   return m
 
 
-def kinds(root: str, n: int, device: str, batch_sizes: list[int]) -> None:
+def kinds(root: str, n: int, device: str, batch_sizes: list[int], fmt: str) -> None:
   from transformers import XcodecConfig, XcodecModel  # pylint: disable=g-import-not-at-top  (optional peer)
-  m = _clips(os.path.join(root, "clips"), n)
+  m = _clips(os.path.join(root, f"clips_{fmt}"), n, fmt)
   items, _ = manifest_lib.read_manifests([m])
   und = [it for it in items if it.task == "audio_to_text"]
   gen = [it for it in items if it.task == "text_to_audio"]
@@ -153,7 +158,7 @@ def kinds(root: str, n: int, device: str, batch_sizes: list[int]) -> None:
     res = b.build_many(und)
     dt = time.perf_counter() - t0
     assert all(r.error is None for r in res), [r.error for r in res]
-    print(f"mel (understanding records): {secs / dt:.1f} audio-s/s per core ({n} x 10 s clips, "
+    print(f"mel (understanding records): {secs / dt:.1f} audio-s/s per core ({n} x 10 s {fmt} clips, "
           f"{dt / n * 1e3:.0f} ms per clip)")
     for bs in batch_sizes:
       b = build.Builder(build.BuildSettings(tokenizer=tok, codec=f"xcodec:{full}"), codec_device=device,
@@ -180,7 +185,7 @@ def main(argv):
   if _PART.value in ("all", "engines"):
     engines(root, _WORKERS.value, _ROUNDS.value)
   if _PART.value in ("all", "kinds"):
-    kinds(root, _CLIPS.value, _CODEC_DEVICE.value, [int(b) for b in _BATCHES.value])
+    kinds(root, _CLIPS.value, _CODEC_DEVICE.value, [int(b) for b in _BATCHES.value], _FORMAT.value)
 
 
 if __name__ == "__main__":

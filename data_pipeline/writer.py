@@ -143,6 +143,7 @@ class RunConfig:
   started: float = 0.0
   num_workers: Optional[int] = None
   runner: str = "DirectRunner"
+  progress: bool = True  # workers print a line per shard written
 
 
 # -- reading --------------------------------------------------------------------------------------------
@@ -327,8 +328,9 @@ class WriteShard(beam.DoFn):
                  "items": [(it.manifest, it.line, it.id, it.audio_path()) for it in items]}
       yield job, source, idx, "failed", failure
       return
-    print(f"[data_pipeline.write] {fs.relative(path, out_dir)}: {marker['num_records']}/{len(items)} "
-          f"records in {marker['seconds']:.1f}s", flush=True)
+    if self.cfg.progress:
+      print(f"[data_pipeline.write] {fs.relative(path, out_dir)}: {marker['num_records']}/{len(items)} "
+            f"records in {marker['seconds']:.1f}s", flush=True)
     yield job, source, idx, "built", marker
 
 
@@ -573,7 +575,7 @@ def write_many(jobs: list[tuple[Iterable[str], str]], settings: build_lib.BuildS
   cfg = RunConfig(jobs=tuple(checked), settings=settings, base=base, shard_size=shard_size,
                   sft_source=sft_source, cut_segments=cut_segments, codec_device=codec_device,
                   codec_batch_size=codec_batch_size, vocab_size=vocab_size, started=t0,
-                  num_workers=workers, runner=runner)
+                  num_workers=workers, runner=runner, progress=progress)
   for job in checked:
     log(f"[data_pipeline.write] {job.out_dir}: {len(job.inputs)} input file(s); runner {runner}"
         + (f", {workers} worker(s)" if workers else ""))
