@@ -23,6 +23,7 @@ Numpy only (librosa for resampling and the mel filter matrix); no torch/transfor
 from __future__ import annotations
 
 import functools
+import io
 import os
 import warnings
 from typing import Optional
@@ -44,24 +45,27 @@ class AudioError(ValueError):
 
 
 def load_audio(path: str, *, start: Optional[float] = None, end: Optional[float] = None,
-               sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, int]:
+               sample_rate: int = SAMPLE_RATE, data: Optional[bytes] = None) -> tuple[np.ndarray, int]:
   """Reads `path` as mono float32 at `sample_rate`, cut to [start, end) seconds.
 
+  `data`: the file's bytes, already read (audio embedded in a parquet row or a tar member, or
+  fetched from a remote file system); `path` then only names it in messages. Decoding is the same.
   Returns (waveform, original_sample_rate) so callers can report files that were not at the
   expected rate. Raises AudioError naming the file for anything unusable.
   """
 
-  if not os.path.exists(path):
+  if data is None and not os.path.exists(path):
     raise AudioError(f"{path}: file not found")
+  src = (lambda: io.BytesIO(data)) if data is not None else (lambda: path)
   try:
-    info = sf.info(path)
+    info = sf.info(src())
     orig_sr, duration = int(info.samplerate), float(info.frames) / float(info.samplerate)
   except Exception as sf_err:  # soundfile cannot parse it; audioread may (mp3/m4a), else it is corrupt.
     try:
       with warnings.catch_warnings():  # librosa's "PySoundFile failed, trying audioread" noise
         warnings.simplefilter("ignore")
-        orig_sr = int(librosa.get_samplerate(path))
-        duration = float(librosa.get_duration(path=path))
+        orig_sr = int(librosa.get_samplerate(src()))
+        duration = float(librosa.get_duration(path=src()))
     except Exception as e:
       raise AudioError(f"{path}: unreadable audio (soundfile: {sf_err}; audioread: "
                        f"{type(e).__name__} {e})".rstrip()) from e
@@ -77,7 +81,7 @@ def load_audio(path: str, *, start: Optional[float] = None, end: Optional[float]
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
-      wav, _ = librosa.load(path, sr=sample_rate, mono=True, offset=start,
+      wav, _ = librosa.load(src(), sr=sample_rate, mono=True, offset=start,
                             duration=None if end is None else end - start, dtype=np.float32)
   except Exception as e:
     raise AudioError(f"{path}: unreadable audio ({type(e).__name__}: {e})") from e

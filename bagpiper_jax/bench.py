@@ -167,7 +167,8 @@ def bench_generate(preset: str, *, batch: int, prompt_len: int, new_tokens: int,
   s = trainer.Setup(config, mesh)
   with tempfile.TemporaryDirectory() as tmp:
     params_io.save_params(os.path.join(tmp, "ckpt"), jax.device_get(s.layout.init_params()), cfg)
-    release.export_release(os.path.join(tmp, "ckpt"), os.path.join(tmp, "rel"), dtype="float32")
+    release.export_release(os.path.join(tmp, "ckpt"), os.path.join(tmp, "rel"), dtype="float32",
+                           with_codec=False, with_tokenizer=False)
     loaded = loading.load(os.path.join(tmp, "rel"), mesh)
     src = safetensors_io.SafetensorsReader(os.path.join(tmp, "rel"))
     hf = Qwen3ForCausalLM(Qwen3Config(

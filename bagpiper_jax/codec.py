@@ -115,6 +115,22 @@ class XCodec:
                        f"{frames} ({HOP_LENGTH} samples per frame)")
     return codes
 
+  def encode_batch(self, wavs: list) -> list:
+    """Several mono 16 kHz waveforms of EQUAL length -> their codes, one model call.
+
+    The encoder has no padding mask, so only equal lengths batch exactly: each result must equal
+    `encode` of that clip (tests/test_data_writer_codec.py checks it); keep any preprocessing that
+    `encode` applies identical here.
+    """
+    torch = self._torch
+    x = np.stack([np.asarray(w, dtype=np.float32) for w in wavs])
+    if x.ndim != 2:
+      raise CodecError(f"xcodec encode_batch expects equal-length mono 1-D waveforms, got {x.shape}")
+    xt = torch.from_numpy(x).to(self.device)[:, None, :]
+    with torch.inference_mode():
+      codes = self.model.encode(xt, bandwidth=self._bandwidth, return_dict=False)  # [B, 8, T]
+    return [check_codes(c.T.cpu().numpy(), "xcodec output") for c in codes]
+
   def decode(self, codes: np.ndarray) -> np.ndarray:
     """int codes [T, 8] -> mono float32 waveform at 16 kHz."""
     torch = self._torch

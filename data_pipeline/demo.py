@@ -23,7 +23,8 @@ Every caption is built from the parameters that made the clip (frequency, note, 
 measured from the signal, duration, fades, timing), so it is true of the audio. Paths inside the
 manifests are relative, so the output is identical for a given seed wherever it is written.
 
-`ensure_demo_shards(out_dir)` additionally runs the record writer (data_pipeline) into
+`ensure_demo_shards(out_dir)` additionally runs the record writer (data_pipeline.writer: the Beam
+pipeline on the DirectRunner, 2 workers) into
 `out_dir/shards/{train,eval}/<source>/shard-*.array_record` (+ index.json per split) unless they
 are there already, and returns `out_dir/shards`. `demo_sources(shards, stage)` turns that into
 config.data.{train,eval}_sources.

@@ -11,9 +11,12 @@ Three kinds of line, told apart by their keys:
                -> dialogue in the subset named by --sft_source. Audio content is a path, or
                {"path", ["start"], ["end"]}.
 
-Relative audio paths are resolved against the manifest's directory. A line that cannot become an
-item (bad JSON, empty caption, unknown direction/category, malformed messages) becomes an error
-dict with the manifest, line number and reason; it never stops the run.
+Relative audio paths are resolved against the manifest's directory (local or gs://). A line that
+cannot become an item (bad JSON, empty caption, unknown direction/category, malformed messages)
+becomes an error dict with the manifest, line number and reason; it never stops the run.
+
+The same rows also come from the published data's own files (data_pipeline/hub.py: parquet rows,
+WebDataset samples); there `line` is the 1-based row or sample number and the audio is embedded.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from bagpiper_jax.data import records
+from data_pipeline import fs
 
 CATEGORIES = ("speech", "music", "sound")
 DIRECTIONS = {"und": ("und",), "gen": ("gen",), "und,gen": ("und", "gen"), "gen,und": ("und", "gen")}
@@ -41,6 +45,9 @@ class Item:
   task: str
   category: str
   row: dict
+  # Where the bytes of row["audio"] live when they are embedded in an input file (hub.EmbeddedAudio);
+  # row["audio"] is then a reference such as "<file>#row=12" that names it in messages.
+  embedded: Optional[Any] = None
 
   def audio_path(self) -> Optional[str]:
     return self.row.get("audio")
@@ -53,7 +60,12 @@ def error(manifest: str, line: int, reason_kind: str, reason: str, *, item_id: s
           "kind": reason_kind, "reason": reason}
 
 
-def _resolve(path: str, base: str) -> str:
+def _resolve(path: str, base: Optional[str]) -> str:
+  """`path` relative to `base` (the manifest's directory); None: `path` is a reference, kept as is."""
+  if base is None or fs.is_remote(path):
+    return path
+  if fs.is_remote(base):
+    return fs.join(base, path)
   path = os.path.expanduser(path)
   return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
 
@@ -73,15 +85,24 @@ def parse_line(manifest: str, line_no: int, text: str, *, sft_source: str = "sft
   """One manifest line -> (items, errors). Blank lines give neither."""
   if not text.strip():
     return [], []
-  base = os.path.dirname(os.path.abspath(manifest))
-  err = lambda kind, why, **kw: ([], [error(manifest, line_no, kind, why, **kw)])
   try:
     row = json.loads(text)
   except json.JSONDecodeError as e:
-    return err("bad_json", f"invalid JSON: {e}")
+    return [], [error(manifest, line_no, "bad_json", f"invalid JSON: {e}")]
   if not isinstance(row, dict):
-    return err("bad_json", f"line is a JSON {type(row).__name__}, not an object")
-  base_id = str(row.get("id") or f"{os.path.basename(manifest)}:{line_no}")
+    return [], [error(manifest, line_no, "bad_json", f"line is a JSON {type(row).__name__}, not an object")]
+  return parse_row(manifest, line_no, row, sft_source=sft_source, base=fs.dirname(manifest))
+
+
+def parse_row(manifest: str, line_no: int, row: dict, *, sft_source: str = "sft",
+              base: Optional[str] = None, embedded: Any = None) -> tuple[list[Item], list[dict]]:
+  """One row (a parsed manifest line, parquet row or WebDataset sample) -> (items, errors).
+
+  base: the directory relative audio paths are resolved against; None keeps paths as given.
+  embedded: where row["audio"]'s bytes are (see Item.embedded), carried into the items.
+  """
+  err = lambda kind, why, **kw: ([], [error(manifest, line_no, kind, why, **kw)])
+  base_id = str(row.get("id") or f"{fs.basename(manifest)}:{line_no}")
 
   if "messages" in row:
     msgs = row["messages"]
@@ -137,24 +158,30 @@ def parse_line(manifest: str, line_no: int, text: str, *, sft_source: str = "sft
   items = []
   for d in DIRECTIONS[direction]:
     task = "audio_to_text" if d == "und" else "text_to_audio"
-    items.append(Item(manifest, line_no, f"{base_id}:{d}", f"{category}_{d}", task, category, row))
+    items.append(Item(manifest, line_no, f"{base_id}:{d}", f"{category}_{d}", task, category, row,
+                      embedded))
   return items, []
+
+
+def iter_manifest(path: str, *, sft_source: str = "sft") -> Iterator[tuple[list[Item], list[dict]]]:
+  """(items, errors) of each line of one JSONL manifest, in line order (.gz/.zst decompressed)."""
+  with fs.open_read(path, decompress=True) as f:
+    for line_no, raw in enumerate(f, start=1):
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield [], [error(path, line_no, "bad_json", f"line is not UTF-8 ({e})")]
+        continue
+      yield parse_line(path, line_no, text, sft_source=sft_source)
 
 
 def read_manifests(paths: Iterable[str], *, sft_source: str = "sft") -> tuple[list[Item], list[dict]]:
   """All items and line errors of `paths`, in manifest then line order (deterministic)."""
   items, errors = [], []
   for path in paths:
-    if not os.path.exists(path):
+    if not fs.exists(path):
       raise FileNotFoundError(f"--manifest {path}: no such file")
-    with open(path, "rb") as f:
-      for line_no, raw in enumerate(f, start=1):
-        try:
-          text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-          errors.append(error(path, line_no, "bad_json", f"line is not UTF-8 ({e})"))
-          continue
-        it, er = parse_line(path, line_no, text, sft_source=sft_source)
-        items += it
-        errors += er
+    for it, er in iter_manifest(path, sft_source=sft_source):
+      items += it
+      errors += er
   return items, errors

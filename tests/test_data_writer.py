@@ -94,7 +94,7 @@ EXPECTED_ERRORS = {"corrupt_audio": 2, "missing_audio": 1, "empty_caption": 1, "
 def written(corpus, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("out"))
   settings = build.BuildSettings(tokenizer=corpus["tokenizer"], codec=f"xcodec:{corpus['xcodec']}")
-  index = writer.write_shards([corpus["manifest"]], out, settings, shard_size=2, num_workers=2,
+  index = writer.write_shards([corpus["manifest"]], out, settings, shard_size=2, num_workers=1,
                               progress=False)
   return out, index, settings
 
@@ -184,7 +184,7 @@ def test_records_hold_the_right_content(written, corpus):
 def test_gen_lines_without_codec_fail_fast(corpus, tmp_path):
   settings = build.BuildSettings(tokenizer=corpus["tokenizer"], codec="")
   with pytest.raises(ValueError, match=r"4 records need assistant audio codes .* but --codec is empty"):
-    writer.write_shards([corpus["manifest"]], str(tmp_path), settings, num_workers=0, progress=False)
+    writer.write_shards([corpus["manifest"]], str(tmp_path), settings, num_workers=1, progress=False)
 
 
 def _small_manifest(d, n=7) -> str:
@@ -204,17 +204,19 @@ def test_restart_skips_finished_shards(corpus, tmp_path):
   out = str(tmp_path / "out")
   settings = build.BuildSettings(tokenizer=corpus["tokenizer"])
   logs = []
-  first = writer.write_shards([manifest], out, settings, shard_size=3, num_workers=0, progress=False,
+  first = writer.write_shards([manifest], out, settings, shard_size=3, num_workers=1, progress=False,
                               log=logs.append)
   assert first["sources"]["sound_und"]["records"] == 7 and len(first["sources"]["sound_und"]["shards"]) == 3
+  assert (first["last_run"]["shards_built"], first["last_run"]["shards_skipped"]) == (6, 0)
   files = sorted(glob.glob(os.path.join(out, "*", "shard-*")))
   assert len(files) == 12  # 2 sources x 3 shards x (array_record + done)
   mtimes = {p: os.stat(p).st_mtime_ns for p in files}
 
   logs.clear()
-  again = writer.write_shards([manifest], out, settings, shard_size=3, num_workers=0, progress=False,
+  again = writer.write_shards([manifest], out, settings, shard_size=3, num_workers=1, progress=False,
                               log=logs.append)
-  assert "6 already done, 0 to write" in logs[0]
+  assert (again["last_run"]["shards_built"], again["last_run"]["shards_skipped"]) == (0, 6)
+  assert "0 shards written, 6 already done" in logs[-1]
   assert {p: os.stat(p).st_mtime_ns for p in files} == mtimes
   assert again["sources"] == first["sources"]
 
@@ -224,9 +226,10 @@ def test_restart_skips_finished_shards(corpus, tmp_path):
   partial = os.path.join(out, "sound_und", "shard-00001-of-00003.partial-999")
   open(partial, "wb").close()
   logs.clear()
-  third = writer.write_shards([manifest], out, settings, shard_size=3, num_workers=0, progress=False,
+  third = writer.write_shards([manifest], out, settings, shard_size=3, num_workers=1, progress=False,
                               log=logs.append)
-  assert "5 already done, 1 to write (3 items)" in logs[0]
+  assert (third["last_run"]["shards_built"], third["last_run"]["shards_skipped"],
+          third["last_run"]["items_built"]) == (1, 5, 3)
   assert os.path.exists(lost) and not os.path.exists(partial)
   rebuilt = os.path.join(out, "sound_und", "shard-00001-of-00003")
   assert {p: os.stat(p).st_mtime_ns for p in files if not p.startswith(rebuilt)} == {
@@ -242,14 +245,11 @@ def test_restart_skips_finished_shards(corpus, tmp_path):
   lines[0] = lines[0].replace("A 200 Hz tone.", "A 200 Hz sine tone.")
   with open(manifest, "w") as f:
     f.writelines(lines)
-  logs.clear()
-  writer.write_shards([manifest], out, settings, shard_size=3, num_workers=0, progress=False,
-                      log=logs.append)
-  assert "5 already done, 1 to write" in logs[0]
+  changed = writer.write_shards([manifest], out, settings, shard_size=3, num_workers=1, progress=False)
+  assert (changed["last_run"]["shards_built"], changed["last_run"]["shards_skipped"]) == (1, 5)
 
   # Another shard size: the old plan's shards are removed, so a directory reader sees no duplicates.
-  fourth = writer.write_shards([manifest], out, settings, shard_size=4, num_workers=0, progress=False,
-                               log=logs.append)
+  fourth = writer.write_shards([manifest], out, settings, shard_size=4, num_workers=1, progress=False)
   assert len(fourth["removed_stale_files"]) == 12
   assert len(_read_source(out, "sound_und")) == 7 and len(_read_source(out, "text_only")) == 7
 
@@ -260,7 +260,7 @@ def test_command_line(corpus, tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   res = subprocess.run(
       [sys.executable, "-m", "data_pipeline.write", f"--manifest={tmp_path}/small*.jsonl",
-       f"--out_dir={out}", f"--tokenizer={corpus['tokenizer']}", "--num_workers=0", "--shard_size=10"],
+       f"--out_dir={out}", f"--tokenizer={corpus['tokenizer']}", "--direct_num_workers=1", "--shard_size=10"],
       capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
   assert res.returncode == 0, res.stderr
   index = json.load(open(out / "index.json"))
@@ -271,3 +271,14 @@ def test_command_line(corpus, tmp_path):
        f"--out_dir={out}", f"--tokenizer={corpus['tokenizer']}"],
       capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
   assert bad.returncode != 0 and "matches no file" in bad.stderr
+
+
+def test_progress_line(corpus, tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(writer, "PROGRESS_EVERY_S", 0.05)
+  manifest = _small_manifest(tmp_path, n=6)
+  settings = build.BuildSettings(tokenizer=corpus["tokenizer"])
+  writer.write_shards([manifest], str(tmp_path / "out"), settings, shard_size=1, num_workers=1, progress=True)
+  err = capsys.readouterr().err
+  assert "[data_pipeline.write] reading inputs" in err or "shards (12 items)" in err
+  lines = [l for l in err.splitlines() if "shards (12 items)" in l]
+  assert lines and "/12 shards" in lines[-1] and "ETA" in lines[-1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -95,3 +97,77 @@ def test_codec_spec_errors(tmp_path):
     codes_lib.check_codec_spec(f"xcodec:{tmp_path}")
   with pytest.raises(ValueError, match="not a directory"):
     codes_lib.check_codec_spec(f"npy:{tmp_path / 'nope'}")
+
+
+def test_batched_encode_equals_one_at_a_time(xcodec_dir):
+  """Equal-length clips in one encoder call give exactly the codes of one call per clip."""
+  backend = codes_lib.XcodecBackend(xcodec_dir, num_threads=1)
+  for n in (16000, 16000 * 2 + 123):
+    wavs = [_noise(n, seed=s) for s in range(4)]
+    batched = backend.encode_batch(wavs, [f"clip{s}" for s in range(4)])
+    for w, c in zip(wavs, batched):
+      np.testing.assert_array_equal(c, backend.encode(w))
+
+
+def test_builder_batches_equal_lengths_and_attributes_failures(xcodec_dir, tmp_path):
+  from bagpiper_jax.data import records  # pylint: disable=g-import-not-at-top
+  from data_pipeline import build, manifest, tokenizer_train  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_train.train_sentencepiece(["A noise clip."] * 4, str(tmp_path / "spm"), 300)
+  lines = []
+  for i, n in enumerate((16000, 16000, 24000, 16000, 16000)):
+    sf.write(tmp_path / f"{i}.wav", _noise(n, seed=i), 16000)
+    lines.append({"audio": f"{i}.wav", "rich_caption": "A noise clip.", "direction": "gen",
+                  "category": "sound", "dataset": "t"})
+  (tmp_path / "3.wav").write_bytes(b"RIFFjunk" * 10)  # fails when loaded, before the batch is encoded
+  m = tmp_path / "m.jsonl"
+  m.write_text("".join(json.dumps(l) + "\n" for l in lines))
+  items, _ = manifest.read_manifests([str(m)])
+  settings = build.BuildSettings(tokenizer=tok, codec=f"xcodec:{xcodec_dir}")
+  one = build.Builder(settings, codec_batch_size=1)
+  calls = []
+  batched = build.Builder(settings, codec_batch_size=4)
+  real = batched.codec.encode_batch
+  batched.codec.encode_batch = lambda w, p: calls.append(len(w)) or real(w, p)
+  got, want = batched.build_many(items), [one.build(it) for it in items]
+  assert sorted(calls) == [1, 3]  # 3 one-second clips together, the 1.5 s clip alone
+  for g, w in zip(got, want):
+    assert (g.error is None) == (w.error is None)
+    if g.error is None:
+      assert records.encode(g.record) == records.encode(w.record)
+  assert [r.error["kind"] if r.error else None for r in got] == [None, None, None, "corrupt_audio", None]
+
+
+def test_codec_device_cuda_without_gpu_says_so(xcodec_dir):
+  torch = pytest.importorskip("torch")
+  if torch.cuda.is_available():
+    pytest.skip("this machine has a GPU")
+  with pytest.raises(RuntimeError, match="--codec_device=cuda but torch sees no CUDA device"):
+    codes_lib.load_codec(f"xcodec:{xcodec_dir}", device="cuda")
+  with pytest.raises(ValueError, match="--codec_device 'tpu'"):
+    codes_lib.load_codec(f"xcodec:{xcodec_dir}", device="tpu")
+
+
+def test_failed_batch_falls_back_to_one_clip_at_a_time(xcodec_dir, tmp_path):
+  from data_pipeline import build, manifest, tokenizer_train  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_train.train_sentencepiece(["A noise clip."] * 4, str(tmp_path / "spm"), 300)
+  rows = []
+  for i in range(3):
+    sf.write(tmp_path / f"{i}.wav", _noise(16000, seed=i), 16000)
+    rows.append({"audio": f"{i}.wav", "rich_caption": "A noise clip.", "direction": "gen",
+                 "category": "sound", "dataset": "t"})
+  (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  items, _ = manifest.read_manifests([str(tmp_path / "m.jsonl")])
+  b = build.Builder(build.BuildSettings(tokenizer=tok, codec=f"xcodec:{xcodec_dir}"), codec_batch_size=3)
+
+  def broken(wavs, paths):
+    raise codec.CodecError(f"{paths[0]}: batch failed")
+
+  real_file = b.codec.encode_file
+  b.codec.encode_batch = broken
+  b.codec.encode_file = lambda p, **kw: (_ for _ in ()).throw(codec.CodecError(f"{p}: bad clip")) \
+      if p.endswith("1.wav") else real_file(p, **kw)
+  res = b.build_many(items)
+  assert [r.error["kind"] if r.error else None for r in res] == [None, "codec", None]
+  assert "1.wav: bad clip" in res[1].error["reason"]
+  np.testing.assert_array_equal(res[0].record["messages"][1]["codes"],
+                                codes_lib.XcodecBackend(xcodec_dir).encode(_noise(16000, seed=0)))

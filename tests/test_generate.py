@@ -69,7 +69,7 @@ def test_greedy_text_equals_transformers_generate_on_exported_release(model, tmp
   cfg, params = model
   ckpt = params_io.save_params(str(tmp_path / "ckpt"), jax.device_get(params), cfg)
   rel = str(tmp_path / "release")
-  release.export_release(os.path.dirname(ckpt), rel, dtype="float32")
+  release.export_release(os.path.dirname(ckpt), rel, dtype="float32", with_codec=False, with_tokenizer=False)
   loaded = loading.load(rel, engine.Generator(cfg, params).mesh)
   assert loaded.kind == "release" and loaded.cfg == cfg
   steps = 12
