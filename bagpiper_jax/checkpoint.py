@@ -356,7 +356,12 @@ class Checkpointer:
     self._check_config(step)
 
     def check():
-      if not verify_step(step_dir, data=data_keys is not None):
+      try:
+        sealed = verify_step(step_dir, data=data_keys is not None)
+      except CheckpointError as e:
+        raise CheckpointError(f"{e}. Refusing to start fresh: resume from an older finished step with "
+                              f"--resume_from_step (finished: {self.all_steps()}), or use a new --workdir.") from e
+      if not sealed:
         logging.warning("checkpoint %s has no %s (the run stopped right after writing it): checked its "
                         "metadata only", step_dir, SEAL)
       if data_keys is None:
