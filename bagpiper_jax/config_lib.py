@@ -66,10 +66,11 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.data.max_audio_windows = 16  # encoder windows (8 x 100 mel frames) per packed row
   c.data.per_device_batch = 1  # rows per device; rows per host: batch.host_rows (the one formula)
   c.data.shuffle_seed = 0
-  c.data.num_workers = 0  # Grain prefetch processes per host (0: in the main process)
+  c.data.rows_per_slot = 1  # rows of one data slot; slots = global batch rows / this (docs/training.md#data-slots)
+  c.data.num_workers = 0  # Grain prefetch processes per data slot (0: in the main process)
   c.data.packing_bins = 32  # best-fit bins per packing round (>= 98% fill on the pretraining mix)
-  c.data.read_threads = 8  # threads reading + templating records (hides remote read latency)
-  c.data.read_buffer = 64  # templated documents in flight (audio ones hold ~0.5 MB of mel each)
+  c.data.read_threads = 8  # threads per host reading + templating records, shared by its slots
+  c.data.read_buffer = 64  # templated documents in flight per host (audio ones hold ~0.5 MB of mel each)
   c.data.mixture_weighting = "factor"  # factor: share = weight x records (docs/data.md); proportion: = weight
   c.data.demo = False  # True: generate and use the shipped synthetic demo data
   c.data.demo_dir = ""  # where demo shards are generated ("" = demo_data next to the workdir)

@@ -142,6 +142,8 @@ def console_line(step: int, total: int, m: Mapping[str, float], eta_s: float | N
     parts.append(f"{m['step_time_s']:.3f} s/step")
   if m.get("mfu") is not None and m["mfu"] == m["mfu"]:
     parts.append(f"MFU {100 * m['mfu']:.1f}%")
+  if m.get("data_wait_frac") is not None and m["data_wait_frac"] == m["data_wait_frac"]:
+    parts.append(f"data wait {100 * m['data_wait_frac']:.1f}%")  # of the interval's wall time
   if m.get("skipped_steps"):
     parts.append(f"skipped {int(m['skipped_steps'])}")
   if eta_s is not None:

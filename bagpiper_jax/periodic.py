@@ -12,6 +12,8 @@ class PeriodicAction:
   """Runs every `every` steps and at the last step (every <= 0: never). Subclasses implement
   `run(step, state) -> dict` (metrics to report, may be empty)."""
 
+  goodput_cause = "actions"  # where goodput.py books the action's time
+
   def __init__(self, every: int):
     self.every = int(every)
 

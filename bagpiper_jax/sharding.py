@@ -189,6 +189,19 @@ def batch_sharding(abstract_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, N
   return logical_to_sharding(specs, dict(abstract_batch), mesh, log=False)
 
 
+def batch_rows_by_process(sharding: jax.sharding.Sharding, shape: Sequence[int], axis: int = 1
+                          ) -> dict[int, list[int]]:
+  """{process index: the global batch rows (along `axis`) its devices hold, sorted}.
+
+  Sorted is the order `jax.make_array_from_process_local_data` reads a process's local rows in, so
+  local row j of process p is global row `rows[p][j]` (data/slots.py builds the data slots on it).
+  """
+  out: dict[int, set[int]] = {}
+  for dev, idx in sharding.devices_indices_map(tuple(shape)).items():
+    out.setdefault(dev.process_index, set()).update(range(*idx[axis].indices(shape[axis])))
+  return {p: sorted(rows) for p, rows in sorted(out.items())}
+
+
 def place_batch(host_batch: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding],
                 global_shapes: Mapping[str, Any]) -> dict[str, jax.Array]:
   """Process-local numpy rows -> global jax.Arrays (`make_array_from_process_local_data`)."""

@@ -33,6 +33,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, Ten
                                "local or gs://. Default: ./workdirs/<config file name>[_<stage>].")
 _DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first "
                                  "(multi-host TPU/GPU).")
+_RESUME_FROM = flags.DEFINE_integer("resume_from_step", None, "Resume from this older finished checkpoint "
+                                    "step instead of the latest (e.g. the latest is damaged); the newer "
+                                    "steps move to <workdir>/abandoned_checkpoints/, once per workdir.")
+_ACCEPT_DATA = flags.DEFINE_bool("accept_data_change", False, "Resume a checkpoint written for another data "
+                                 "stream (sources, weights, seeds, budgets, global batch): params and "
+                                 "optimizer state restore, the data stream restarts from its beginning.")
 
 
 def default_workdir(config_path: str, stage: str) -> str:
@@ -111,7 +117,8 @@ def main(argv):
     check_workdir(config, workdir)
     if config.data.demo and not config.data.synthetic:
       prepare_demo_data(config, workdir)
-    train_and_evaluate(config, workdir)
+    train_and_evaluate(config, workdir, resume_from_step=_RESUME_FROM.value,
+                       accept_data_change=_ACCEPT_DATA.value)
   except (RunError, NonFiniteError, ckpt_lib.CheckpointError) as e:
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from bagpiper_jax import batch as batch_lib
 from bagpiper_jax import sharding, train_step
+from bagpiper_jax.data.slots import DataSlots
 from bagpiper_jax.model import ModelConfig
 from bagpiper_jax.train_state import StateLayout
 
@@ -33,6 +34,17 @@ class Setup:
     self.abstract_batch = train_step.abstract_batch(config, self.cfg, mesh)
     self.batch_sharding = {k: v.sharding for k, v in self.abstract_batch.items()}
     self.host_rows = batch_lib.host_rows(config, mesh.size, jax.process_count())
+
+  @functools.cached_property
+  def data_slots(self) -> DataSlots:
+    """The data slots this process feeds, from the rows its devices hold (data/slots.py)."""
+    spec = self.abstract_batch["input_ids"]
+    rows = sharding.batch_rows_by_process(self.batch_sharding["input_ids"], spec.shape, axis=1)
+    slots = DataSlots.from_rows(int(self.config.data.rows_per_slot), rows, jax.process_index())
+    if slots.host_rows != self.host_rows:
+      raise ValueError(f"this process's devices hold {slots.host_rows} batch rows, batch.host_rows says "
+                       f"{self.host_rows} (is the batch replicated across processes?)")
+    return slots
 
   @functools.cached_property
   def train_step(self):

@@ -6,18 +6,18 @@ r"""Multi-host equivalence probe: K train steps on a fixed global batch stream, 
       --config=configs/tiny.py --out_dir=/tmp/mh1 --steps=4 --save_step=3 --restore_dir=/tmp/mh2/checkpoints
 
 Why a probe of its own (and not `bagpiper_jax.train`): the question is whether the *same global
-computation* gives the same numbers however the devices are split over processes. The training
-input pipeline gives each process its own stream, so a 2-process run sees different data than a
-1-process run by design. Here every process builds the same global batch for step i (the
-synthetic iterator with a fixed process index) and feeds only its own rows, exactly as
-`make_array_from_process_local_data` expects from a real pipeline. Everything else is the real
+computation* gives the same numbers however the devices are split over processes, step by step,
+with params dumps to compare (tests/test_elastic.py does the same for the real training command,
+whose data slots make the global batches independent of the process count). Here every process
+builds the same global batch for step i (the synthetic iterator with a fixed process index) and
+feeds only its own rows, exactly as `make_array_from_process_local_data` expects. Everything else is the real
 thing: `trainer.Setup` (mesh rules, sharded init, the jitted train step) and
 `checkpoint.Checkpointer` (Orbax, async save, restore with the target shardings).
 
 Writes to --out_dir (process 0): `result.json` {process_count, device_count, mesh, losses {step:
 loss}, restored_step, restored_data_state (None when the checkpoint came from another process
-count: iterator states are per process)}, and `params_step<k>.npz` (the full params at the save step, gathered from
-all processes) and `restored_params.npz` (right after a restore), for bit-exact comparison.
+count: this probe's iterator states are per process)}, and `params_step<k>.npz` (the full params
+at the save step, gathered from all processes) and `restored_params.npz` (right after a restore), for bit-exact comparison.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from ml_collections import config_flags
 from bagpiper_jax import checkpoint as ckpt_lib
 from bagpiper_jax import batch as batch_lib
 from bagpiper_jax import sharding, trainer
+from bagpiper_jax.data import slots as slots_lib
 from bagpiper_jax.synthetic import SyntheticIterator
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.", lock_config=False)
@@ -80,7 +81,9 @@ def train(setup, state, step: int, losses: dict, ckpt, out: str, result: dict):
       params = gather_params(state.params, setup.mesh)  # before the next step donates the state
       if jax.process_index() == 0:
         np.savez(os.path.join(out, f"params_step{step}.npz"), **params)
-      ckpt.save(step, state, {"next": step}, force=True)
+      pi, pc = jax.process_index(), jax.process_count()
+      ckpt.save(step, state, {slots_lib.process_key(pi, pc): {"next": step}},
+                slots_lib.stream_description(None, pc))
   return state
 
 
@@ -113,13 +116,13 @@ def main(argv):
     step = src.latest_step()
     if step is None:
       raise ckpt_lib.CheckpointError(f"--restore_dir={_RESTORE.value}: no finished checkpoint")
-    # Iterator states are per process: they restore only onto the same process count.
-    same_processes = os.path.exists(os.path.join(
-        _RESTORE.value, str(step), "data", f"process_{jax.process_index()}-of-{jax.process_count()}.json"))
-    state, data_state = src.restore(step, setup.layout.abstract_state, data=same_processes)
+    # This probe's iterator states are per process: they restore only onto the same process count.
+    key = slots_lib.process_key(jax.process_index(), jax.process_count())
+    same_processes = os.path.exists(os.path.join(_RESTORE.value, str(step), "data", f"{key}.json"))
+    state, data = src.restore(step, setup.layout.abstract_state, data_keys=[key] if same_processes else None)
     src.close()
     result["restored_step"] = step
-    result["restored_data_state"] = data_state
+    result["restored_data_state"] = data.parts[key] if data is not None else None
     restored = gather_params(state.params, mesh)
     if p0:
       np.savez(os.path.join(out, "restored_params.npz"), **restored)

@@ -20,6 +20,7 @@ import pytest
 
 from bagpiper_jax import checkpoint as ckpt_lib
 from bagpiper_jax import train_state
+from bagpiper_jax.data import slots as slots_lib
 from bagpiper_jax.model import ModelConfig
 from configs.tiny import for_tests as tiny_train_config
 
@@ -96,9 +97,15 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
   for x, y in zip(jax.tree.leaves(pa_) + jax.tree.leaves(ta), jax.tree.leaves(pb_) + jax.tree.leaves(tb)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert int(ta["step"]) == 8
-  # The data-iterator state was checkpointed too (Grain's JSON state, per process).
-  data = json.loads((b / "checkpoints" / "8" / "data" / "process_0-of-1.json").read_text())
-  assert data["format"] == "json" and data["state"]
+  # The data-iterator state was checkpointed too (Grain's JSON state, one file per data slot: 2 rows
+  # per micro-batch, 1 row per slot), with the stream's description.
+  data_dir = b / "checkpoints" / "8" / "data"
+  for s in (0, 1):
+    data = json.loads((data_dir / f"slot_{s}-of-2.json").read_text())
+    assert data["format"] == "json" and data["state"]
+  stream = json.loads((data_dir / "stream.json").read_text())
+  assert (stream["num_slots"], stream["rows_per_slot"]) == (2, 1)
+  assert sorted(stream["signature"]["train_sources"]) == sorted(json.loads(json.dumps(sources)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,20 +124,32 @@ def _abstract(state):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
+KEY = slots_lib.process_key(0, 1)  # a per-process iterator state (no data slots) of 1 process
+
+
+def _save(ck, step, state, data_state):
+  return ck.save(step, state, {KEY: data_state}, slots_lib.stream_description(None, 1))
+
+
+def _restore(ck, step, abstract, data=True):
+  state, d = ck.restore(step, abstract, data_keys=[KEY] if data else None)
+  return state, (d.parts[KEY] if d is not None else None)
+
+
 def test_roundtrip_keep_last_k_and_data_state(tmp_path):
   c = tiny_train_config()
   c.checkpoint.keep = 2
   ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), c)
   for step in (1, 2, 3):
-    assert ck.save(step, _toy_state(step), {"next": step}, force=True)
-  ck.save(4, _toy_state(4), b"\x00grain-bytes\xff", force=True)
+    assert _save(ck, step, _toy_state(step), {"next": step})
+  _save(ck, 4, _toy_state(4), b"\x00grain-bytes\xff")
   ck.wait()
   assert ck.all_steps() == [3, 4]
-  state, data = ck.restore(4, _abstract(_toy_state()))
+  state, data = _restore(ck, 4, _abstract(_toy_state()))
   assert data == b"\x00grain-bytes\xff"
   np.testing.assert_array_equal(state.params["w"], np.full((4, 2), 4.0))
   np.testing.assert_array_equal(state.opt_state["mu"], np.full((4, 2), 2.0))
-  state, data = ck.restore(3, _abstract(_toy_state()))
+  state, data = _restore(ck, 3, _abstract(_toy_state()))
   assert data == {"next": 3} and int(state.step) == 3
   ck.close()
   # init_from: params only, from the run directory (latest step) or a step directory.
@@ -143,7 +162,7 @@ def test_roundtrip_keep_last_k_and_data_state(tmp_path):
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
   c = tiny_train_config()
   ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), c)
-  ck.save(5, _toy_state(), {"next": 5}, force=True)
+  _save(ck, 5, _toy_state(), {"next": 5})
   ck.close()
   # Garble every data file of the params item.
   n = 0
@@ -156,31 +175,36 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
   assert n
   ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), c)
   assert ck.latest_step() == 5  # it is there: resume must not silently start fresh
+  # The integrity record names the first garbled file and its sizes.
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoint file .*/5/params/.* has 7 bytes"):
+    _restore(ck, 5, _abstract(_toy_state()))
+  # Without the record (a run killed right after the save) Orbax's own error still stops the resume.
+  os.remove(tmp_path / "ck" / "5" / ckpt_lib.SEAL)
   with pytest.raises(ckpt_lib.CheckpointError, match="Refusing to start fresh"):
-    ck.restore(5, _abstract(_toy_state()))
+    _restore(ck, 5, _abstract(_toy_state()))
 
 
 def test_missing_data_state_and_incompatible_config_are_errors(tmp_path):
   c = tiny_train_config()
   ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), c)
-  ck.save(2, _toy_state(), {"next": 2}, force=True)
+  _save(ck, 2, _toy_state(), {"next": 2})
   ck.close()
   other = tiny_train_config()
   other.model.hidden_size = 32
   with pytest.raises(ckpt_lib.CheckpointError, match="model.hidden_size: checkpoint 64 vs config 32"):
-    ckpt_lib.Checkpointer(str(tmp_path / "ck"), other).restore(2, _abstract(_toy_state()))
+    _restore(ckpt_lib.Checkpointer(str(tmp_path / "ck"), other), 2, _abstract(_toy_state()))
   os.remove(tmp_path / "ck" / "2" / "data" / "process_0-of-1.json")
   with pytest.raises(ckpt_lib.CheckpointError, match="process_0-of-1.json"):
-    ckpt_lib.Checkpointer(str(tmp_path / "ck"), c).restore(2, _abstract(_toy_state()))
+    _restore(ckpt_lib.Checkpointer(str(tmp_path / "ck"), c), 2, _abstract(_toy_state()))
   # Arrays alone still restore (e.g. onto another process count); the iterator state is then None.
-  state, data = ckpt_lib.Checkpointer(str(tmp_path / "ck"), c).restore(2, _abstract(_toy_state()), data=False)
+  state, data = _restore(ckpt_lib.Checkpointer(str(tmp_path / "ck"), c), 2, _abstract(_toy_state()), data=False)
   assert data is None and int(state.step) == 3
   # Shape mismatch against the abstract state (e.g. an edited model file): clear error too.
   bad = _abstract(_toy_state())
   bad = bad.replace(params={"w": jax.ShapeDtypeStruct((8, 2), jnp.float32), "n": bad.params["n"]})
   ck = ckpt_lib.Checkpointer(str(tmp_path / "ck2"), c)
-  ck.save(1, _toy_state(), None, force=True)
+  _save(ck, 1, _toy_state(), None)
   ck.wait()
   with pytest.raises(ckpt_lib.CheckpointError, match="could not be restored"):
-    ck.restore(1, bad)
+    _restore(ck, 1, bad)
   ck.close()

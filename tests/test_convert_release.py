@@ -308,7 +308,7 @@ def test_training_checkpoint_exports_and_init_from_loads_the_import(tmp_path):
   state = types.SimpleNamespace(params=params, step=np.int32(5), opt_state={"mu": np.zeros(3, np.float32)},
                                 nonfinite={"count": np.int32(0)})
   ckptr = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), conf, async_save=False)
-  assert ckptr.save(5, state, None, force=True)
+  assert ckptr.save(5, state, {}, {})  # no data-iterator state
   ckptr.close()
   release.export_release(str(tmp_path / "checkpoints"), str(tmp_path / "rel"), dtype="float32", **WEIGHTS_ONLY)
   release.import_release(str(tmp_path / "rel"), str(tmp_path / "init"))

@@ -21,6 +21,7 @@ from data_pipeline import bench
 from data_pipeline import synthetic_records
 from bagpiper_jax.data import input_pipeline as pipeline
 from bagpiper_jax.data import records
+from bagpiper_jax.data import slots as slots_lib
 from bagpiper_jax.model import config as mc
 
 CFG = mc.ModelConfig(text_vocab_size=1000)
@@ -329,6 +330,111 @@ def test_resume_with_worker_processes(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Hosts.
+
+
+def _slot_sources(tmp_path):
+  docs = random_docs(48, seed=11)
+  write_docs(str(tmp_path / "a"), docs[:30], 3)
+  write_docs(str(tmp_path / "b"), docs[30:], 2)
+  return {"a": {"path": str(tmp_path / "a"), "weight": 1.0}, "b": {"path": str(tmp_path / "b"), "weight": 2.0}}
+
+
+def _hosts(config, processes, rows=4):
+  """One train iterator per process, each feeding its contiguous share of `rows` global rows."""
+  return [pipeline.make_train_iterator(config, CFG, rows=rows // processes, process_index=p, process_count=processes)
+          for p in range(processes)]
+
+
+def _global(hosts):
+  """The global batch: the hosts' batches in process (= slot) order."""
+  parts = [next(h) for h in hosts]
+  return {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+
+
+def _move(src_hosts, dst_hosts):
+  """A checkpoint round trip: every slot's state written by its owner, read back by the new owners."""
+  parts = {}
+  for i, h in enumerate(src_hosts):
+    parts.update(json.loads(json.dumps(slots_lib.checkpoint_parts(h, h.get_state(), i, len(src_hosts)))))
+  for i, h in enumerate(dst_hosts):
+    keys = slots_lib.restore_keys(h, i, len(dst_hosts))
+    h.set_state(slots_lib.state_from_parts(h, {k: parts[k] for k in keys}))
+
+
+def _assert_same(a, b, what):
+  assert sorted(a) == sorted(b), what
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=f"{what}: {k}")
+
+
+def _elastic_case(tmp_path, workers):
+  train = _slot_sources(tmp_path)
+  config = config_for(train=train, seq_len=384, windows=3, host_batch=1, bins=3, workers=workers, seed=3)
+  one, two, four = _hosts(config, 1), _hosts(config, 2), _hosts(config, 4)
+  assert [h.slots.local for h in two] == [(0, 1), (2, 3)] and four[3].slots.local == (3,)
+  want = [_global(one) for _ in range(6)]
+  assert len({w["input_ids"][i].tobytes() for w in want for i in range(4)}) == 24  # slots differ
+  for i in range(3):
+    _assert_same(_global(two), want[i], f"2 hosts, batch {i}")
+  # Two processes checkpoint after 3 batches; the run resumes on 4 and on 1 process.
+  fresh_four, fresh_one = _hosts(config, 4), _hosts(config, 1)
+  _move(two, fresh_four)
+  _move(two, fresh_one)
+  for i in range(3, 6):
+    _assert_same(_global(fresh_four), want[i], f"resumed on 4 hosts, batch {i}")
+    _assert_same(_global(fresh_one), want[i], f"resumed on 1 host, batch {i}")
+  for h in one + two + four + fresh_four + fresh_one:
+    h.close()
+
+
+def test_global_batches_do_not_depend_on_the_host_count(tmp_path):
+  """4 data slots of 1 row on 1, 2 and 4 hosts: the same global batches, and a state saved on 2
+  hosts resumes on 4 and on 1 exactly."""
+  _elastic_case(tmp_path, workers=0)
+
+
+@pytest.mark.heavy
+def test_global_batches_do_not_depend_on_the_host_count_with_prefetch_workers(tmp_path):
+  """The same with num_workers=1: every slot's pipeline in a Grain worker process (~20 processes)."""
+  _elastic_case(tmp_path, workers=1)
+
+
+def test_prefetch_worker_per_slot_gives_the_same_batches(tmp_path):
+  """num_workers=1 (each slot in its own Grain process) yields num_workers=0's batches."""
+  train = _slot_sources(tmp_path)
+  kw = dict(train=train, seq_len=384, windows=3, host_batch=2, bins=3, seed=3)
+  (a,), (b,) = _hosts(config_for(workers=0, **kw), 1, rows=2), _hosts(config_for(workers=1, **kw), 1, rows=2)
+  for i in range(3):
+    _assert_same(next(b), next(a), f"batch {i}")
+  b.close()
+
+
+def test_data_slots_follow_the_rows_each_process_holds():
+  # Process 1's devices hold the first rows: it feeds slots 0, 1.
+  s = slots_lib.DataSlots.from_rows(2, {0: [4, 5, 6, 7], 1: [0, 1, 2, 3]}, 1)
+  assert (s.num_slots, s.local, s.writes, s.host_rows) == (4, (0, 1), (0, 1), 4)
+  # A batch replicated over two processes: both feed slot 0, only the first writes its state.
+  rep = {0: [0, 1], 1: [0, 1], 2: [2, 3], 3: [2, 3]}
+  assert [slots_lib.DataSlots.from_rows(2, rep, p).writes for p in range(4)] == [(0,), (), (1,), ()]
+  with pytest.raises(ValueError, match="rows_per_slot=3"):
+    slots_lib.DataSlots.from_rows(3, {0: [0, 1, 2, 3]}, 0)
+  with pytest.raises(ValueError, match="do not form whole data slots"):
+    slots_lib.DataSlots.from_rows(2, {0: [0, 2], 1: [1, 3]}, 0)
+
+
+def test_stream_diff_names_the_keys(tmp_path):
+  train = _slot_sources(tmp_path)
+  it = _hosts(config_for(train=train, bins=2), 1)[0]
+  saved = json.loads(json.dumps(slots_lib.stream_description(it, 1)))
+  assert slots_lib.stream_diff(saved, slots_lib.stream_description(it, 1)) == []
+  train["b"]["weight"] = 1.0
+  other = _hosts(config_for(train=train, bins=2, seed=9), 2, rows=8)[0]
+  diff = slots_lib.stream_diff(saved, slots_lib.stream_description(other, 2))
+  assert diff[0].startswith("global batch: checkpoint 4 data slots x 1 rows = 4 rows per micro-batch vs now 8")
+  assert "data.shuffle_seed: checkpoint 0 vs now 9" in diff
+  assert "data.train_sources.b.weight: checkpoint 2.0 vs now 1.0" in diff, diff
+
+
 
 
 def test_hosts_partition_each_epoch(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,10 +64,11 @@ class _PoisonAt:
     self.n = s["n"]
 
 
-def test_loss_goes_down_evals_and_ends_with_checkpoint(run):
+def test_loss_goes_down_evals_and_ends_with_checkpoint(run, capsys):
   root, c, setup = run
   wd = root / "wd_main"
   out = train_loop.train_and_evaluate(c, str(wd), setup=setup)
+  console = capsys.readouterr().out
   recs = read_jsonl(str(wd / "metrics.jsonl"))
   tr = [r for r in recs if r["kind"] == "train"]
   ev = [r for r in recs if r["kind"] == "eval"]
@@ -84,6 +86,24 @@ def test_loss_goes_down_evals_and_ends_with_checkpoint(run):
   assert os.listdir(wd / "tensorboard")
   assert json.load(open(wd / "config.json"))["model"]["hidden_size"] == 64
   assert out["eval_loss"] == pytest.approx(ev[-1]["loss"])
+  # Data waits on the console line; goodput in metrics.jsonl, TensorBoard and one summary line.
+  lines = [ln for ln in console.splitlines() if ln.startswith("step ")]
+  assert len(lines) == 6 and all("| data wait " in ln for ln in lines[1:]), lines
+  assert 0 <= tr[-1]["data_wait_frac"] < 1
+  gp = [r for r in recs if r["kind"] == "goodput"]
+  assert [r["step"] for r in gp] == [5, 10, 15, 20, 25, 30, 30]  # every log step, and at exit
+  g = gp[-1]
+  for k in ("compile_s", "step_s", "data_wait_s", "checkpoint_s", "eval_s", "init_s"):
+    assert g[k] > 0, k
+  assert g["restore_s"] == 0 and g["lost_to_restart_steps"] == 0 and g["first_step"] == 0
+  parts = sum(g[f"{k}_s"] for k in ("init", "restore", "compile", "step", "data_wait", "checkpoint", "eval",
+                                    "actions"))
+  assert parts == pytest.approx(g["wall_s"], rel=0.02)  # every second is booked somewhere
+  assert g["goodput"] == pytest.approx(g["step_s"] / g["wall_s"])
+  summary = [ln for ln in console.splitlines() if ln.startswith("goodput ")]
+  assert len(summary) == 1 and "data wait" in summary[0] and "compile" in summary[0], console[-2000:]
+  events = b"".join(open(os.path.join(wd / "tensorboard", f), "rb").read() for f in os.listdir(wd / "tensorboard"))
+  assert b"goodput/step_s" in events and b"goodput/goodput" in events and b"train/data_wait_frac" in events
 
 
 def test_nan_policy_stop_names_the_step_and_skip_goes_on(run):
@@ -105,6 +125,43 @@ def test_nan_policy_stop_names_the_step_and_skip_goes_on(run):
   assert tr[-1]["skipped_steps"] == 1 and tr[-1]["step"] == 8
   assert not np.isfinite(tr[0]["step_losses"][2]) and np.isfinite(tr[-1]["loss"])
   assert sorted(os.listdir(wd / "checkpoints")) == ["4", "8"]
+
+
+def test_resume_checks_the_data_stream_and_falls_back_on_request(run, tmp_path, capsys):
+  """A changed mixture is refused by key (or accepted, restarting the stream); --resume_from_step
+  goes back to an older step once, redoes the steps bit for bit, and goodput counts them as lost."""
+  root, c, setup = run
+  c = c.copy_and_resolve_references()
+  c.train_steps, c.eval_every_steps, c.checkpoint.every_steps, c.log_every_steps = 8, 0, 4, 4
+  wd = tmp_path / "wd"
+  train_loop.train_and_evaluate(c, str(wd), setup=setup)
+  first = {r["step"]: r["step_losses"] for r in read_jsonl(str(wd / "metrics.jsonl")) if r["kind"] == "train"}
+
+  other = c.copy_and_resolve_references()
+  name = sorted(other.data.train_sources)[0]
+  other.data.train_sources[name]["weight"] = 2.0
+  with pytest.raises(train_loop.RunError, match=rf"data.train_sources.{name}.weight: checkpoint 1.0 vs now 2.0"
+                     r"(.|\n)*--accept_data_change"):
+    train_loop.train_and_evaluate(other, str(wd), setup=setup)
+  shutil.copytree(wd, tmp_path / "wd_accept")
+  capsys.readouterr()
+  train_loop.train_and_evaluate(other, str(tmp_path / "wd_accept"), setup=setup, accept_data_change=True)
+  assert "--accept_data_change: the data stream restarts from its beginning" in capsys.readouterr().out
+
+  train_loop.train_and_evaluate(c, str(wd), setup=setup, resume_from_step=4)
+  assert sorted(os.listdir(wd / "checkpoints")) == ["4", "8"]
+  assert [n.split("-")[0] for n in os.listdir(wd / "abandoned_checkpoints") if n != "fallbacks.json"] == ["8"]
+  recs = read_jsonl(str(wd / "metrics.jsonl"))
+  redone = [r for r in recs if r["kind"] == "train"][-1]
+  assert redone["step"] == 8 and redone["step_losses"] == first[8]  # the same steps, bit for bit
+  gp = [r for r in recs if r["kind"] == "goodput"][-1]
+  assert gp["first_step"] == 4 and gp["lost_to_restart_steps"] == 4 and gp["restore_s"] > 0
+  assert gp["lost_to_restart_s"] > 0
+  out = capsys.readouterr().out
+  assert "lost to restart: 4 steps redone" in out and "job over 2 runs" in out, out[-1000:]
+  # The same command again: no second fallback, nothing left to train.
+  train_loop.train_and_evaluate(c, str(wd), setup=setup, resume_from_step=4)
+  assert "resumed from step 8" in capsys.readouterr().out
 
 
 def test_sigterm_saves_and_exits_cleanly(run, tmp_path):

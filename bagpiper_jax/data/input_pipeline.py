@@ -1,34 +1,45 @@
 """The Grain input pipeline of training and eval: ArrayRecord shards -> packed batches.
 
-Train (`make_train_iterator`), per source in config.data.train_sources:
+Train (`make_train_iterator`): the global batch is cut into data slots (bagpiper_jax/data/slots.py;
+slot s = global rows [s*R, (s+1)*R), R = config.data.rows_per_slot) and each slot is a pipeline
+of its own. Per slot s of S, per source in config.data.train_sources:
 
-  ArrayRecord shards (glob, or a directory of *.array_record*)
+  ArrayRecord shards (glob, or a directory of *.array_record*; opened once per host)
     -> global shuffle (seed = config.data.shuffle_seed folded with the source name; reshuffled
        every epoch by Grain's epoch-aware index shuffle) -> repeat forever
-    -> this host's share: elements process_index, process_index + process_count, ... of that
-       stream, so hosts read disjoint records and together cover each epoch exactly once
+    -> the slot's share: elements s, s + S, s + 2S, ... of that stream, so slots read disjoint
+       records and together cover each epoch exactly once
     -> decode + template (bagpiper_jax.data.template) at load time
   then: weighted mixture of the sources (Grain's deterministic proportional interleave)
-    -> drop + count documents over the row budgets -> best-fit packing -> batches of
-       `rows` rows (batch.host_rows: the caller's one formula) -> optional multiprocess prefetch
-       (config.data.num_workers).
+    -> drop + count documents over the row budgets -> best-fit packing (seed folded with the slot)
+    -> batches of R rows -> optional multiprocess prefetch (config.data.num_workers per slot).
+A host's batch is its slots' batches in slot order (`slots.SlotIterator`). Nothing in a slot depends
+on the host count, so the global batches are the same on any number of hosts, and a checkpoint
+saved on P hosts resumes exactly on P' hosts (same S).
 
 Eval (`make_eval_iterator`): the sources of config.data.eval_sources concatenated in sorted name
-order, each in record order, host-sharded the same way, no shuffle, no mixing weights, finite.
+order, each in record order, host-sharded (elements p, p + P, ...), no shuffle, no mixing weights,
+finite. Eval is never checkpointed, so it needs no slots.
 
 Mixture weights are *sampling factors* (docs/data.md#pretraining-data) by default (config.data.mixture_weighting =
 "factor"): a source's share of the documents is weight x its record count, so weight 3.15 means
 "sample each music_und record 3.15 times as often as a weight-1 record". Set "proportion" to make
 the weights the documents' shares directly.
 
-The iterators are Grain DatasetIterators: `get_state()` returns a JSON-serialisable dict and
-`set_state()` restores it, also in a fresh process (same config, host count and num_workers).
+Slot iterators are Grain DatasetIterators: `get_state()` returns a JSON-serialisable dict and
+`set_state()` restores it, also in a fresh process (same config and num_workers).
 `pipeline_stats(it)` reads the drop/pack counters out of that state.
 
+Prefetch workers (config.data.num_workers = W) belong to a slot: W > 0 runs the slot's pipeline in
+W Grain worker processes (a host runs slots x W of them). W = 1 gives the same batches as W = 0;
+W >= 2 splits the slot's records over its workers, which changes (deterministically) what the slot
+yields, so W is part of the stream's signature. Read threads and buffer are per host, split
+evenly over its slots (they never change the batches).
+
 config.data keys besides the sources (defaults in config_lib.base_config, the one place): seq_len,
-max_audio_windows, shuffle_seed, num_workers, template, packing_bins, read_threads, read_buffer,
-mixture_weighting. This module imports no jax (Grain's prefetch workers import it), so the
-caller says which process it is and how many rows it feeds.
+max_audio_windows, shuffle_seed, rows_per_slot, num_workers, template, packing_bins, read_threads,
+read_buffer, mixture_weighting. Grain's prefetch workers import this module; the caller says
+which slots this process feeds and how many rows each has.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from etils import epath
 
 from bagpiper_jax.data import packing
 from bagpiper_jax.data import records
+from bagpiper_jax.data import slots as slots_lib
 from bagpiper_jax.data import template
 from bagpiper_jax.model.config import ModelConfig
 
@@ -178,7 +190,9 @@ def _seed(base: int, name: str) -> int:
 
 def host_stream(source: ShardSource, cfg: ModelConfig, *, seed: int | None, process_index: int,
                 process_count: int) -> grain.MapDataset:
-  """This host's templated stream of one source: shuffled + repeated (seed given) or one pass."""
+  """Every `process_count`-th element (from `process_index`) of one source, templated: shuffled +
+  repeated (seed given) or one pass in record order (seed None). A train slot is the same with
+  (slot, num_slots) in place of (process_index, process_count)."""
   ds = grain.MapDataset.source(source)
   if seed is not None:
     ds = ds.shuffle(seed=seed).repeat()
@@ -212,9 +226,10 @@ def _finish(ds: grain.IterDataset, config, cfg: ModelConfig, *, batch: int, seed
   return ds.__iter__()
 
 
-def _read_options(config) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=int(config.data.read_threads),
-                           prefetch_buffer_size=int(config.data.read_buffer))
+def _read_options(config, share: int = 1) -> grain.ReadOptions:
+  """The host's read threads and buffer, split over `share` pipelines (order never depends on them)."""
+  return grain.ReadOptions(num_threads=max(1, int(config.data.read_threads) // share),
+                           prefetch_buffer_size=max(1, int(config.data.read_buffer) // share))
 
 
 def _check_template(config) -> None:
@@ -223,41 +238,68 @@ def _check_template(config) -> None:
     raise ValueError(f"config.data.template {t!r} not in {TEMPLATES}")
 
 
-def make_train_iterator(config, cfg: ModelConfig, *, rows: int, process_index: int, process_count: int):
+def stream_signature(config, sources: dict[str, "ShardSource"] | None = None) -> dict[str, Any]:
+  """What defines the training stream besides the slot layout (data/slots.py compares it on resume).
+
+  Sources are named with their weight and record/shard counts, not their paths, so shards copied
+  to another bucket resume; read threads/buffer are left out (they never change the batches).
+  """
+  sig = {k: config.data[k] for k in ("template", "seq_len", "max_audio_windows", "shuffle_seed",
+                                     "packing_bins", "mixture_weighting", "num_workers", "synthetic")}
+  if sources is not None:
+    specs = _source_specs(config.data.train_sources, "train_sources")
+    sig["train_sources"] = {name: {"weight": spec["weight"], "records": len(sources[name]) if name in sources else 0,
+                                   "shards": len(sources[name].paths) if name in sources else 0}
+                            for name, spec in specs.items()}
+  return sig
+
+
+def make_train_iterator(config, cfg: ModelConfig, *, rows: int | None = None, process_index: int = 0,
+                        process_count: int = 1, slots: slots_lib.DataSlots | None = None):
   """Infinite iterator of host batches (dicts of numpy arrays, bagpiper_jax/batch.py contract).
 
   Args:
     config: the ml_collections config (uses config.data.*).
     cfg: the ModelConfig (vocabulary layout, encoder chunking).
-    rows: rows per host batch (batch.host_rows).
-    process_index / process_count: this host's JAX process (jax.process_index/count()).
+    rows / process_index / process_count: without `slots`, this host feeds global rows
+      [process_index * rows, (process_index + 1) * rows) (rows = batch.host_rows).
+    slots: the data slots this process feeds (trainer.Setup.data_slots: from the mesh).
 
   Returns:
-    a grain DatasetIterator; get_state() -> JSON-serialisable dict, set_state(state) restores.
+    a slots.SlotIterator; get_state() -> JSON-serialisable dict, set_state(state) restores.
   """
   _check_template(config)
-  pi, pc = _check_process(process_index, process_count)
+  if slots is None:
+    if rows is None:
+      raise ValueError("make_train_iterator: give rows= (rows per host) or slots=")
+    _check_process(process_index, process_count)
+    slots = slots_lib.DataSlots.contiguous(int(config.data.rows_per_slot), int(rows), process_index,
+                                           process_count)
   specs = _source_specs(config.data.train_sources, "train_sources")
   base_seed = int(config.data.shuffle_seed)
   weighting = config.data.mixture_weighting
   if weighting not in MIXTURE_WEIGHTINGS:
     raise ValueError(f"config.data.mixture_weighting {weighting!r} not in {MIXTURE_WEIGHTINGS}")
-  streams, weights = [], []
+  sources = {}
   for name, spec in specs.items():
     if spec["weight"] == 0:
       continue  # an explicitly disabled source
-    src = ShardSource(name, shard_paths(name, spec["path"]))
-    if len(src) < pc:
-      raise ValueError(f"source {name!r} has {len(src)} records, fewer than the {pc} hosts")
-    streams.append(host_stream(src, cfg, seed=_seed(base_seed, name), process_index=pi, process_count=pc))
-    weights.append(spec["weight"] * (len(src) if weighting == "factor" else 1.0))
-  if not streams:
+    sources[name] = src = ShardSource(name, shard_paths(name, spec["path"]))
+    if len(src) < slots.num_slots:
+      raise ValueError(f"source {name!r} has {len(src)} records, fewer than the {slots.num_slots} data slots")
+  if not sources:
     raise ValueError("config.data.train_sources: every source has weight 0")
+  weights = [specs[n]["weight"] * (len(src) if weighting == "factor" else 1.0) for n, src in sources.items()]
   total = sum(weights)
-  ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, [w / total for w in weights])
-  ds = ds.to_iter_dataset(_read_options(config))
-  return _finish(ds, config, cfg, batch=rows, seed=_seed(base_seed, "packing"),
-                 train=True)
+  its = {}
+  for s in slots.local:
+    streams = [host_stream(src, cfg, seed=_seed(base_seed, name), process_index=s, process_count=slots.num_slots)
+               for name, src in sources.items()]
+    ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, [w / total for w in weights])
+    ds = ds.to_iter_dataset(_read_options(config, len(slots.local)))
+    its[s] = _finish(ds, config, cfg, batch=slots.rows_per_slot, seed=_seed(base_seed, f"packing/slot{s}"),
+                     train=True)
+  return slots_lib.SlotIterator(slots, its, stream_signature(config, sources))
 
 
 def make_eval_iterator(config, cfg: ModelConfig, *, rows: int, process_index: int, process_count: int,
@@ -284,14 +326,17 @@ def make_eval_iterator(config, cfg: ModelConfig, *, rows: int, process_index: in
 
 
 def pipeline_stats(iterator) -> dict[str, Any]:
-  """Drop / packing counters of an iterator made here (summed over prefetch workers).
+  """Drop / packing counters of an iterator made here (summed over slots and prefetch workers).
 
   Keys: docs_read, docs_dropped_too_long, docs_dropped_audio_windows, tokens_dropped,
   docs_accepted, tokens_accepted, docs_by_source (as of the start of the current packing round);
-  batches, rows, rows_padding, tokens (packed tokens emitted), cells, fill (= tokens / cells).
+  batches (host batches), rows, rows_padding, tokens (packed tokens emitted), cells, fill
+  (= tokens / cells).
   """
   s = packing.collect_stats(iterator.get_state())
   s.setdefault("docs_by_source", {})
+  if isinstance(iterator, slots_lib.SlotIterator) and "batches" in s:
+    s["batches"] //= len(iterator.slots.local)  # every slot counts each host batch once
   cells = s.get("cells", 0)
   s["fill"] = s.get("tokens", 0) / cells if cells else 0.0
   s["docs_dropped"] = s.get("docs_dropped_too_long", 0) + s.get("docs_dropped_audio_windows", 0)
