@@ -134,6 +134,20 @@ def count_jaxpr(jaxpr) -> FlopCount:
   return total
 
 
+def count_eqns(jaxpr) -> int:
+  """Equations of a (closed) jaxpr and all its sub-jaxprs, each counted once (a loop body once):
+  the size of the program handed to XLA, for compile-time comparisons."""
+  if isinstance(jaxpr, jex_core.ClosedJaxpr):
+    jaxpr = jaxpr.jaxpr
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += 1
+    for v in eqn.params.values():
+      for sub in _sub_jaxprs(v):
+        n += count_eqns(sub)
+  return n
+
+
 def count_traced(traced) -> FlopCount:
   """FLOPs of a `jax.jit(f).trace(*args)` result (global, all devices together)."""
   return count_jaxpr(traced.jaxpr)

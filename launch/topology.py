@@ -19,6 +19,8 @@ import math
 import os
 import re
 
+from jax.experimental import topologies
+
 GIB = 1024 ** 3
 ALIASES = {"v5litepod": "v5e"}  # gcloud / xpk spell v5e slices v5litepod-N
 
@@ -149,14 +151,13 @@ def set_compile_only_env(topo: Topology) -> None:
 def devices(topo: Topology):
   """Compile-only TPU devices of the whole topology (all slices); needs the `libtpu` package."""
   set_compile_only_env(topo)
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
     desc = topologies.get_topology_desc(
         topology_name=topo.libtpu_topology, platform="tpu", chip_config_name=topo.chip.chip_config,
         chips_per_host_bounds=topo.chips_per_host_bounds, num_slices=topo.num_slices)
   except Exception as e:  # pylint: disable=broad-except
     hint = ""
-    try:
+    try:  # only to name the cause; importing libtpu early would load it before the env above is set
       import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     except ImportError:
       hint = " (the `libtpu` package is not installed: pip install libtpu, or `pip install -e .[tpu_aot]`)"
