@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 from bagpiper_jax import backends
 from bagpiper_jax import checkpoint as ckpt_lib
-from bagpiper_jax import paths
+from bagpiper_jax import compile_cache, paths
 from bagpiper_jax.train_loop import NonFiniteError, RunError, train_and_evaluate
 from data_pipeline import demo
 
@@ -100,12 +100,17 @@ def main(argv):
   workdir = paths.resolve(_WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]), config.stage))
   config.init_from = paths.resolve(config.init_from)
+  config.compiled_train_step = paths.resolve(config.compiled_train_step) or ""
   print(f"workdir {workdir}", flush=True)
+  cache = compile_cache.setup(config, workdir)
+  counter = compile_cache.CompileCounter()
   try:
     check_workdir(config, workdir)
     if config.data.demo and not config.data.synthetic:
       prepare_demo_data(config, workdir)
     train_and_evaluate(config, workdir)
+    if jax.process_index() == 0:
+      print(counter.summary(cache), flush=True)
   except (RunError, NonFiniteError, ckpt_lib.CheckpointError) as e:
     logging.error("%s", e)
     print(f"ERROR: {e}", file=sys.stderr, flush=True)

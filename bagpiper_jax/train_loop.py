@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from bagpiper_jax import checkpoint as ckpt_lib
 from bagpiper_jax import evaluate as eval_lib
 from bagpiper_jax import metrics as metrics_lib
-from bagpiper_jax import paths, sharding, trainer
+from bagpiper_jax import paths, profiling, sharding, trainer
 from bagpiper_jax.data import input_pipeline
 from bagpiper_jax.synthetic import SyntheticIterator
 
@@ -229,8 +229,7 @@ class EvalAction(PeriodicAction):
 def make_actions(config, setup: trainer.Setup, make_eval, writer: metrics_lib.MetricsWriter,
                  workdir: str) -> list[PeriodicAction]:
   """The run's periodic actions, in the order they run after a step."""
-  del workdir  # for actions that write files of their own
-  return [EvalAction(config, setup, make_eval, writer)]
+  return [EvalAction(config, setup, make_eval, writer), profiling.ProfileAction(config, workdir)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,13 +63,12 @@ from flax import traverse_util  # noqa: E402
 from jax.experimental import serialize_executable  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from bagpiper_jax import backends, metrics, optim, sharding, train_state, train_step  # noqa: E402
+from bagpiper_jax import backends, metrics, optim, sharding, train_state, train_step, trainer  # noqa: E402
 from bagpiper_jax.model import ModelConfig  # noqa: E402
 from launch import flop_count  # noqa: E402
 from launch import topology as topology_lib  # noqa: E402
 
 NOT_FIT_EXIT = 3
-COMPILED_FORMAT = "bagpiper_jax.compiled_train_step/1"  # what bagpiper_jax.trainer.load_compiled reads
 
 
 def define_flags() -> None:
@@ -149,7 +148,7 @@ def hlo_instruction_count(text: str) -> int:
 def save_compiled(compiled, path: str, meta: dict) -> int:
   """Writes the serialized executable + its pytree structures + `meta` (what it was compiled for)."""
   payload, in_tree, out_tree = serialize_executable.serialize(compiled)
-  blob = pickle.dumps({"format": COMPILED_FORMAT, "executable": payload, "in_tree": in_tree,
+  blob = pickle.dumps({"format": trainer.COMPILED_FORMAT, "executable": payload, "in_tree": in_tree,
                        "out_tree": out_tree, "meta": meta})
   p = epath.Path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
