@@ -27,7 +27,7 @@ from bagpiper_jax import backends, bench
 from bagpiper_jax.model import ModelConfig, layers
 
 _JSON = flags.DEFINE_string("json", "", "Write the results here.")
-_LEN = flags.DEFINE_integer("seq_len", 4096, "Attention check length.")
+_LEN = flags.DEFINE_integer("attention_len", 4096, "Length of the attention check (one packed row).")
 
 
 def _packed_segments(l: int, rng) -> np.ndarray:

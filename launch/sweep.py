@@ -61,19 +61,21 @@ XLA_FLAG_SETS = {
                           " --xla_tpu_scoped_vmem_limit_kib=98304"),
 }
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file[:stage], as for aot_compile.")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-128.")
-_REMAT = flags.DEFINE_multi_string("remat", [], "POLICY[+save=NAMES][+offload=NAMES]; repeat for several.")
-_ROWS = flags.DEFINE_list("rows", [], "data.per_device_batch values.")
-_LOSS_CHUNK = flags.DEFINE_list("loss_chunk", [], "model.loss_chunk_size values.")
-_WINDOWS = flags.DEFINE_list("windows", [], "data.max_audio_windows values.")
-_FUSED = flags.DEFINE_list("fused_bwd", [], "model.attention_fused_bwd values (false,true).")
-_XLA = flags.DEFINE_list("xla", [], f"LIBTPU_INIT_ARGS sets: {sorted(XLA_FLAG_SETS)}.")
-_SET = flags.DEFINE_multi_string("set", [], "Fixed config override KEY=VALUE for every point.")
-_OUT = flags.DEFINE_string("out", "", "JSON-lines results file (appended; finished points are skipped).")
-_TABLE = flags.DEFINE_string("table", "", "Only print the table + choice of this results file.")
-_HBM_FRACTION = flags.DEFINE_float("hbm_fraction", 0.85, "A point fits when device total <= this x HBM.")
-_TIMEOUT = flags.DEFINE_integer("timeout", 3600, "Seconds per compile before it counts as failed.")
+def define_flags() -> None:
+  """Flags exist only when this file runs as the program (importing it next to other tools is safe)."""
+  flags.DEFINE_string("config", None, "Config file[:stage], as for aot_compile.")
+  flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-128.")
+  flags.DEFINE_multi_string("remat", [], "POLICY[+save=NAMES][+offload=NAMES]; repeat for several.")
+  flags.DEFINE_list("rows", [], "data.per_device_batch values.")
+  flags.DEFINE_list("loss_chunk", [], "model.loss_chunk_size values.")
+  flags.DEFINE_list("windows", [], "data.max_audio_windows values.")
+  flags.DEFINE_list("fused_bwd", [], "model.attention_fused_bwd values (false,true).")
+  flags.DEFINE_list("xla", [], f"LIBTPU_INIT_ARGS sets: {sorted(XLA_FLAG_SETS)}.")
+  flags.DEFINE_multi_string("set", [], "Fixed config override KEY=VALUE for every point.")
+  flags.DEFINE_string("out", "", "JSON-lines results file (appended; finished points are skipped).")
+  flags.DEFINE_string("table", "", "Only print the table + choice of this results file.")
+  flags.DEFINE_float("hbm_fraction", 0.85, "A point fits when device total <= this x HBM.")
+  flags.DEFINE_integer("timeout", 3600, "Seconds per compile before it counts as failed.")
 
 
 def parse_remat(spec: str) -> dict[str, str]:
@@ -216,37 +218,39 @@ def read_results(path: str) -> list[dict]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if _TABLE.value:
-    reps = read_results(_TABLE.value)
-    print(format_table([summarize(r, _HBM_FRACTION.value) for r in reps], _HBM_FRACTION.value))
+  F = flags.FLAGS
+  if F.table:
+    reps = read_results(F.table)
+    print(format_table([summarize(r, F.hbm_fraction) for r in reps], F.hbm_fraction))
     return
-  if not _CONFIG.value or not _TOPOLOGY.value:
+  if not F.config or not F.topology:
     raise app.UsageError("--config and --topology are required (or --table=FILE)")
-  topology_lib.parse(_TOPOLOGY.value)  # bad names fail here, not in the first subprocess
-  points = grid(_REMAT.value, _ROWS.value, _LOSS_CHUNK.value, _WINDOWS.value, _FUSED.value, _XLA.value)
-  done = {r["key"]: r for r in read_results(_OUT.value) if "key" in r}
-  print(f"sweep: {len(points)} points on {_TOPOLOGY.value} ({len(done)} already in {_OUT.value or '-'})", flush=True)
+  topology_lib.parse(F.topology)  # bad names fail here, not in the first subprocess
+  points = grid(F.remat, F.rows, F.loss_chunk, F.windows, F.fused_bwd, F.xla)
+  done = {r["key"]: r for r in read_results(F.out) if "key" in r}
+  print(f"sweep: {len(points)} points on {F.topology} ({len(done)} already in {F.out or '-'})", flush=True)
   reps = []
   for i, point in enumerate(points):
-    key = point_key(_CONFIG.value, _TOPOLOGY.value, point)
+    key = point_key(F.config, F.topology, point)
     if key in done:
       reps.append(done[key])
       continue
-    rep = compile_point(_CONFIG.value, _TOPOLOGY.value, point, _SET.value, _TIMEOUT.value)
+    rep = compile_point(F.config, F.topology, point, F.set, F.timeout)
     rep["key"] = key
     reps.append(rep)
-    row = summarize(rep, _HBM_FRACTION.value)
+    row = summarize(rep, F.hbm_fraction)
     print(f"[{i + 1}/{len(points)}] {point['overrides']} xla={point['xla']}: {row['status']}"
           + (f", {row['device_gib']:.2f} GiB, executed/model {row['exec_over_model']:.3f}" if "device_gib" in row else "")
           + f" ({rep['wall_s']:.0f} s)", flush=True)
     if "error" in rep:
       print(rep["error"][-1500:], flush=True)
-    if _OUT.value:
-      os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-      with open(_OUT.value, "a") as f:
+    if F.out:
+      os.makedirs(os.path.dirname(os.path.abspath(F.out)), exist_ok=True)
+      with open(F.out, "a") as f:
         f.write(json.dumps(rep, default=str) + "\n")
-  print(format_table([summarize(r, _HBM_FRACTION.value) for r in reps], _HBM_FRACTION.value), flush=True)
+  print(format_table([summarize(r, F.hbm_fraction) for r in reps], F.hbm_fraction), flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

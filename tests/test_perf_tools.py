@@ -19,8 +19,8 @@ import pytest
 from flax import linen as nn
 from jax.ad_checkpoint import print_saved_residuals
 
-from bagpiper_jax import profiling, sharding, trainer
-from bagpiper_jax.model import Bagpiper, layers
+from bagpiper_jax import bench, profiling, sharding, trainer
+from bagpiper_jax.model import Bagpiper, ModelConfig, layers
 from bagpiper_jax.synthetic import SyntheticIterator
 from conftest import tiny_model_config
 from configs.tiny import for_tests as tiny_train_config
@@ -227,3 +227,18 @@ def test_model_runs_with_the_pallas_gpu_interpret_path():
   ref, _ = Bagpiper(cfg).apply({"params": params}, batch)
   got, _ = Bagpiper(dataclasses.replace(cfg, attention_impl="pallas_gpu_interpret")).apply({"params": params}, batch)
   np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+
+
+def test_bench_torch_peer_does_the_same_work():
+  """bagpiper_jax.bench's torch peer (transformers Qwen3Model + lm_head + stream_emb, 8-stream input
+  sum, per-stream softmax ranges, packed-document mask), given our initial weights and the same
+  packed micro-batches (2, accumulated), computes our first-step loss."""
+  config = bench.bench_config("tiny", rows=2, seq_len=96, accum=2)
+  cfg = ModelConfig.from_dict(config.model)
+  micro = [bench.packed_batch(cfg, 2, 96, seed=i) for i in range(2)]
+  b = micro[0]
+  assert (b["segment_ids"] > 0).all() and b["segment_ids"].max() >= 2  # full rows, several documents
+  assert (b["loss_weights"][..., 1:] > 0).any() and (b["input_ids"][..., 1:] >= cfg.codec_start).any()
+  j = bench.bench_jax(config, micro, steps=1)
+  t = bench.bench_torch(config, micro, j["params"], steps=1)
+  assert abs(j["first_loss"] - t["first_loss"]) < 1e-4 * j["first_loss"], (j["first_loss"], t["first_loss"])
