@@ -74,6 +74,8 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("set", [], "Fixed config override KEY=VALUE for every point.")
   flags.DEFINE_string("out", "", "JSON-lines results file (appended; finished points are skipped).")
   flags.DEFINE_string("table", "", "Only print the table + choice of this results file.")
+  flags.DEFINE_bool("recount", False, "With --table: recount every point's FLOPs (aot_compile --flops_only, "
+                    "seconds each) and rewrite the file; memory results are kept.")
   flags.DEFINE_float("hbm_fraction", 0.85, "A point fits when device total <= this x HBM.")
   flags.DEFINE_integer("timeout", 3600, "Seconds per compile before it counts as failed.")
 
@@ -116,12 +118,13 @@ def point_key(config: str, topology: str, point: dict) -> str:
   return json.dumps({"config": config, "topology": topology, **point}, sort_keys=True)
 
 
-def compile_point(config: str, topology: str, point: dict, fixed: list[str], timeout: int) -> dict:
+def compile_point(config: str, topology: str, point: dict, fixed: list[str], timeout: int,
+                  flops_only: bool = False) -> dict:
   """Runs aot_compile for one point in a subprocess; returns its report (or the failure)."""
   with tempfile.TemporaryDirectory() as tmp:
     report = os.path.join(tmp, "r.json")
     cmd = [sys.executable, "-m", "launch.aot_compile", f"--config={config}", f"--topology={topology}",
-           f"--report_json={report}"]
+           f"--report_json={report}"] + (["--flops_only"] if flops_only else [])
     cmd += [f"--config.{k}={v}" for k, v in point["overrides"].items()]
     cmd += [f"--config.{kv}" for kv in fixed]
     env = dict(os.environ, LIBTPU_INIT_ARGS=XLA_FLAG_SETS[point["xla"]])
@@ -221,6 +224,18 @@ def main(argv):
   F = flags.FLAGS
   if F.table:
     reps = read_results(F.table)
+    if F.recount:
+      for r in reps:
+        key = json.loads(r["key"])
+        new = compile_point(key["config"], key["topology"], r["point"], r.get("fixed", F.set), F.timeout,
+                            flops_only=True)
+        if "flops" in new and "flops" in r:
+          r["flops"].update(new["flops"])
+          r["flops_recounted"] = True
+        print(f"recounted {r['point']['overrides']}: executed/model "
+              f"{r.get('flops', {}).get('executed_over_model', float('nan')):.3f}", flush=True)
+      with open(F.table, "w") as f:
+        f.writelines(json.dumps(r, default=str) + "\n" for r in reps)
     print(format_table([summarize(r, F.hbm_fraction) for r in reps], F.hbm_fraction))
     return
   if not F.config or not F.topology:
@@ -236,7 +251,7 @@ def main(argv):
       reps.append(done[key])
       continue
     rep = compile_point(F.config, F.topology, point, F.set, F.timeout)
-    rep["key"] = key
+    rep["key"], rep["fixed"] = key, list(F.set)
     reps.append(rep)
     row = summarize(rep, F.hbm_fraction)
     print(f"[{i + 1}/{len(points)}] {point['overrides']} xla={point['xla']}: {row['status']}"
