@@ -23,8 +23,9 @@ one FLOPs model for both), the fraction of peak (MFU on GPU) and the ratio jax /
 
 The packed batch (`packed_batch`): every row is full, several documents of 32..L/2 positions, each a
 text part (stream 0, weight 1) then a codec part (8 streams, weight 0.125 each), positions restarting
-per document. CPU timings on a shared machine are noisy: the median of `--steps` timed steps is the
-headline, the best is printed beside it.
+per document. CPU timings on a shared machine are noisy: with both sides in one process their timed
+steps alternate (jax, torch, jax, torch, ...) so both see the same load; the median of `--steps` timed
+steps is the headline, the best is printed beside it.
 """
 
 from __future__ import annotations
@@ -132,7 +133,22 @@ def _timed(fn, steps: int) -> list[float]:
   return out
 
 
+def _timed_interleaved(fns: list, steps: int) -> list[list[float]]:
+  """Warm-up twice each, then alternate the steps: both sides see the same machine load (shared hosts)."""
+  for _ in range(2):
+    for fn in fns:
+      fn()
+  out = [[] for _ in fns]
+  for _ in range(steps):
+    for i, fn in enumerate(fns):
+      t = time.perf_counter()
+      fn()
+      out[i].append(time.perf_counter() - t)
+  return out
+
+
 def bench_jax(config, micro_batches: list[dict], steps: int, keep_params: bool = True) -> dict:
+  """Compiles and runs our step once; times `steps` more unless steps == 0 (then r['step'] is the step)."""
   mesh = sharding.make_mesh(config, devices=jax.devices()[:1])
   s = trainer.Setup(config, mesh)
   state = s.layout.fresh_state()
@@ -147,9 +163,8 @@ def bench_jax(config, micro_batches: list[dict], steps: int, keep_params: bool =
   step()
   compile_s = time.perf_counter() - t0
   first_loss = box["loss"]
-  times = _timed(step, steps)
-  return {"times": times, "compile_s": compile_s, "first_loss": first_loss, "loss": box["loss"],
-          "params": params}
+  times = _timed(step, steps) if steps else []
+  return {"times": times, "compile_s": compile_s, "first_loss": first_loss, "params": params, "step": step}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,9 +269,9 @@ def bench_torch(config, micro_batches: list[dict], params, steps: int) -> dict:
   n_all = sum(float(((b["loss_weights"][:, 1:, 0] > 0) & _same_doc(b["segment_ids"])).sum()) for b in micro_batches)
   step()
   first_loss = box["loss"]
-  times = _timed(step, steps)
-  return {"times": times, "loss": box["loss"], "first_loss": first_loss, "device": device,
-          "threads": torch.get_num_threads()}
+  times = _timed(step, steps) if steps else []
+  return {"times": times, "first_loss": first_loss, "device": device, "threads": torch.get_num_threads(),
+          "step": step}
 
 
 def matmul_peaks(n: int) -> dict:
@@ -327,13 +342,20 @@ def main(argv):
   else:
     micro = [packed_batch(cfg, rows, seq, seed=i) for i in range(accum)]
     results, params = [], None
+    both = not _SKIP_JAX.value and not _SKIP_TORCH.value
+    steps = 0 if both else _STEPS.value  # both sides: timed interleaved below
     if not _SKIP_JAX.value:
-      j = bench_jax(config, micro, _STEPS.value, keep_params=not _SKIP_TORCH.value)
+      j = bench_jax(config, micro, steps, keep_params=not _SKIP_TORCH.value)
       params = j.pop("params")
       results.append(("bagpiper_jax train step", j))
     if not _SKIP_TORCH.value:
-      t = bench_torch(config, micro, params, _STEPS.value)
+      t = bench_torch(config, micro, params, steps)
       results.append((f"torch Qwen3Model+8 streams ({t['device']}, {t['threads']} threads)", t))
+    if both:
+      for (_, r), times in zip(results, _timed_interleaved([r["step"] for _, r in results], _STEPS.value)):
+        r["times"] = times
+    for _, r in results:
+      r.pop("step")
   if _RESULT_JSON.value:
     with open(_RESULT_JSON.value, "w") as f:
       json.dump(results, f)

@@ -54,9 +54,9 @@ def timed_jit_and_compile(func, func_input_args, func_input_kwargs, mesh, in_sha
     counted = flop_count.count_traced(traced)
     t2 = time.perf_counter()
     lowered = traced.lower()
-  t3 = time.perf_counter()
+  t3, c3 = time.perf_counter(), time.process_time()
   compiled = lowered.compile(compiler_options=max_utils.parse_libtpu_flags_to_dict(config.compile_xla_flags))
-  t4 = time.perf_counter()
+  t4, c4 = time.perf_counter(), time.process_time()
   rows = int(config.global_batch_size_to_train_on)
   seq = int(config.max_target_length)
   model = metrics.train_flops_per_step(QWEN3_8B, rows=rows, seq_len=seq, audio_windows=0)
@@ -66,7 +66,7 @@ def timed_jit_and_compile(func, func_input_args, func_input_kwargs, mesh, in_sha
   host = m.host_argument_size_in_bytes + m.host_output_size_in_bytes - m.host_alias_size_in_bytes \
       + m.host_temp_size_in_bytes
   print(f"MAXTEXT time: trace {t1 - t0:.1f} s, FLOP count {t2 - t1:.1f} s, lower {t3 - t2:.1f} s, "
-        f"XLA compile {t4 - t3:.1f} s", flush=True)
+        f"XLA compile {t4 - t3:.1f} s ({c4 - c3:.1f} s CPU)", flush=True)
   print(f"MAXTEXT memory per chip: {total / GIB:.2f} GiB (temps {m.temp_size_in_bytes / GIB:.2f}, arguments "
         f"{m.argument_size_in_bytes / GIB:.2f}); host {host / GIB:.2f} GiB", flush=True)
   print(f"MAXTEXT FLOPs: {rows} rows x {seq}; executed {counted.flops:.4g}, model {model:.4g} -> executed/model "

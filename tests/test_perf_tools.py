@@ -23,6 +23,7 @@ from bagpiper_jax import bench, profiling, sharding, trainer
 from bagpiper_jax.model import Bagpiper, ModelConfig, layers
 from bagpiper_jax.synthetic import SyntheticIterator
 from conftest import tiny_model_config
+from configs import bagpiper_8b
 from configs.tiny import for_tests as tiny_train_config
 from launch import aot_compile, sweep
 
@@ -242,3 +243,18 @@ def test_bench_torch_peer_does_the_same_work():
   j = bench.bench_jax(config, micro, steps=1)
   t = bench.bench_torch(config, micro, j["params"], steps=1)
   assert abs(j["first_loss"] - t["first_loss"]) < 1e-4 * j["first_loss"], (j["first_loss"], t["first_loss"])
+
+
+def test_8b_slice_presets():
+  plain = bagpiper_8b.get_config("pretrain")
+  assert plain.model.remat_policy == "nothing_saveable" and plain.data.per_device_batch == 1
+  for name, p in bagpiper_8b.TOPOLOGY_PRESETS.items():
+    c = bagpiper_8b.get_config(f"pretrain,{name}")
+    assert c.stage == "pretrain" and c.model.remat_policy == p["remat_policy"]
+    assert c.data.per_device_batch == p["per_device_batch"] and c.model.remat_offload == p["remat_offload"]
+    layers.remat_policy(c.model.remat_policy, c.model.remat_save, c.model.remat_offload)  # a valid policy
+  assert bagpiper_8b.get_config("warmup,v5p-128").stage == "warmup"
+  with pytest.raises(ValueError, match="no tuned settings"):
+    bagpiper_8b.get_config("pretrain,v4-8")
+  with pytest.raises(ValueError, match="sweep SFT"):
+    bagpiper_8b.get_config("sft,v5p-128")
