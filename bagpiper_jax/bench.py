@@ -1,68 +1,134 @@
-r"""Train-step throughput on this machine's CPU, against two yardsticks, in one run.
+r"""Train-step throughput against a PyTorch peer doing the same work, measured in one run.
 
-  python -m bagpiper_jax.bench                      # 'small' decoder, 4 x 512 tokens per step
+  python -m bagpiper_jax.bench                           # CPU: 'small' decoder, 4 x 512 packed tokens
   python -m bagpiper_jax.bench --preset=tiny --steps=5
   python -m bagpiper_jax.bench --generate           # decoding instead (bench_generate, below)
+  python -m bagpiper_jax.bench --preset=h100             # one NVIDIA GPU: ~2B decoder, bf16, 2 x 4096
 
-Measures, with the same decoder sizes and the same [B, L] token batch:
-  jax     bagpiper_jax's jitted train step (trainer.Setup: loss, grads, clip, AdamW; no audio in
-          the batch, so the work is the decoder + lm_head like the torch side; remat off by default)
-  torch   transformers' Qwen3ForCausalLM (sdpa attention) + torch.optim.AdamW + grad clipping,
-          same vocabulary / hidden / layers / heads, fp32, labels = the stream-0 ids
-  peak    the best FLOP/s of a large f32 matmul (jax and torch each; the larger is the peak)
-and prints tokens/s, achieved model FLOP/s (metrics.train_flops_per_step, the same FLOPs model
-for both sides) and the ratios jax/peak and jax/torch.
+Both sides train the same Bagpiper step on the same packed batch, starting from the same weights:
+  jax     bagpiper_jax's jitted train step (trainer.Setup: loss, grads, clip, AdamW; no audio in the
+          batch: decoder, 8-stream I/O and loss)
+  torch   `TorchBagpiper`: transformers' Qwen3Model (sdpa attention, a block-diagonal causal mask for
+          the packed documents) + lm_head + stream_emb, written as the reference computes it: input =
+          sum of the 8 streams' embeddings (id 0 contributes nothing in streams 1..7); outputs
+          lm_head(h + stream_emb[n]); stream 0 a full-vocabulary CE, streams 1..7 one softmax over the
+          codec range [codec_start, vocab); loss = weighted sum / count of weighted stream-0 positions.
+          Like ours it takes lm_head(h) once and adds the [8, V] stream offsets (the same FLOPs).
+          AdamW with the same hyper-parameters + grad-norm clipping; fp32 on CPU, bf16 autocast over
+          fp32 weights on GPU (as ours: bf16 compute, fp32 params).
+  peak    CPU: the best f32 matmul FLOP/s measured here (jax and torch; the larger); GPU: the chip's
+          dense bf16 peak (metrics.PEAK_FLOPS).
+The first step's loss of both sides is printed: equal weights + equal batch must give the same loss
+(the check that the peer does the same work). Then tokens/s, model FLOP/s (metrics.train_flops_per_step,
+one FLOPs model for both), the fraction of peak (MFU on GPU) and the ratio jax / torch.
 
-Caveats, stated rather than hidden: the Bagpiper step does more than a plain LM step (8-stream
-input embedding sum, 8 output softmaxes, 7 of them over the codec range), which the FLOPs model
-counts only as its one shared lm_head matmul; CPU timings on a shared machine are noisy, so the
-best of `--steps` timed steps is reported as well as the median.
+The packed batch (`packed_batch`): every row is full, several documents of 32..L/2 positions, each a
+text part (stream 0, weight 1) then a codec part (8 streams, weight 0.125 each), positions restarting
+per document. CPU timings on a shared machine are noisy: with both sides in one process their timed
+steps alternate (jax, torch, jax, torch, ...) so both see the same load; the median of `--steps` timed
+steps is the headline, the best is printed beside it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
 
-from bagpiper_jax import config_lib, metrics, sharding, trainer
+from bagpiper_jax import backends, config_lib, metrics, sharding, trainer
+from bagpiper_jax.convert import params_io, release, safetensors_io
+from bagpiper_jax.convert import rules as rules_lib
+from bagpiper_jax.data import template
+from bagpiper_jax.generate import engine, loading
 from bagpiper_jax.model import ModelConfig
-from bagpiper_jax.synthetic import SyntheticIterator
+from bagpiper_jax.model import config as mc
 
 PRESETS = {
-    # name: (text_vocab, hidden, mlp, layers, heads, kv_heads, head_dim, rows, seq_len)
-    "tiny": (1024, 64, 192, 2, 4, 2, 16, 4, 256),
-    "small": (4096, 512, 1536, 4, 8, 4, 64, 4, 512),
+    # Model sizes, then the step: packed rows of seq_len per micro-batch, micro-batches per optimizer
+    # step (accum), compute dtype, attention kernel, loss chunk.
+    "tiny": dict(text_vocab_size=1024, hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=16, rows=4, seq_len=256, dtype="float32", attention="xla",
+                 loss_chunk=256, accum=1),
+    "small": dict(text_vocab_size=4096, hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=8,
+                  num_kv_heads=4, head_dim=64, rows=4, seq_len=512, dtype="float32", attention="xla",
+                  loss_chunk=512, accum=1),
+    # ~2.1B parameters (1.4B in the 28 layers; Qwen3-1.7B's decoder with our 160,392-id vocabulary).
+    "h100": dict(text_vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
+                 num_kv_heads=8, head_dim=128, rows=1, seq_len=4096, dtype="bfloat16", attention="cudnn",
+                 loss_chunk=1024, accum=4),
 }
 
 _PRESET = flags.DEFINE_enum("preset", "small", list(PRESETS), "Model/batch size.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per side (after 2 warm-up steps).")
 _REMAT = flags.DEFINE_string("remat", "none", "model.remat_policy for the jax side.")
-_MATMUL_N = flags.DEFINE_integer("matmul_n", 4096, "Size of the square f32 matmul for the peak.")
-_SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Only the jax side and the matmul peak.")
+_ROWS = flags.DEFINE_integer("rows", 0, "Packed rows per step (0: the preset's).")
+_SEQ = flags.DEFINE_integer("seq_len", 0, "Tokens per row (0: the preset's).")
+_ATTN = flags.DEFINE_string("attention", "", "model.attention_impl for the jax side ('': the preset's).")
+_LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 0, "model.loss_chunk_size (0: the preset's).")
+_MATMUL_N = flags.DEFINE_integer("matmul_n", 4096, "Size of the square f32 matmul for the CPU peak.")
+_SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Only the jax side (and the peak).")
+_SKIP_JAX = flags.DEFINE_bool("skip_jax", False, "Only the torch side (and the peak).")
+_ACCUM = flags.DEFINE_integer("accum", 0, "Micro-batches per optimizer step (0: the preset's).")
+_SEPARATE = flags.DEFINE_bool("separate_processes", False, "Run each side in its own process (GPU: "
+                              "each framework gets the whole memory); the sides start from different "
+                              "random weights, so no first-step loss comparison.")
+_RESULT_JSON = flags.DEFINE_string("result_json", "", "Write this process's measurements as JSON.")
 _GENERATE = flags.DEFINE_bool("generate", False, "Benchmark decoding (bench_generate) instead of training.")
 _GEN_TOKENS = flags.DEFINE_integer("gen_tokens", 128, "--generate: new tokens per request.")
 _GEN_PROMPT = flags.DEFINE_integer("gen_prompt", 64, "--generate: prompt tokens per request.")
 _GEN_BATCH = flags.DEFINE_integer("gen_batch", 4, "--generate: requests decoded together.")
 
 
-def bench_config(preset: str, remat: str = "none"):
-  """A pretrain config with the preset's decoder, fp32, no audio in the batch, one device."""
-  v, e, f, n, h, k, d, rows, seq = PRESETS[preset]
+def bench_config(preset: str, *, remat: str = "none", rows: int = 0, seq_len: int = 0, attention: str = "",
+                 loss_chunk: int = 0, accum: int = 0):
+  """A pretrain config with the preset's decoder, no audio in the batch, one device."""
+  p = dict(PRESETS[preset])
+  run = {k: p.pop(k) for k in ("rows", "seq_len", "attention", "loss_chunk", "accum")}
+  rows, seq_len = rows or run["rows"], seq_len or run["seq_len"]
+  attention, loss_chunk = attention or run["attention"], loss_chunk or run["loss_chunk"]
   c = config_lib.base_config("pretrain")
-  c.model = config_lib.model_config(
-      text_vocab_size=v, hidden_size=e, intermediate_size=f, num_layers=n, num_heads=h, num_kv_heads=k,
-      head_dim=d, dtype="float32", remat_policy=remat, loss_chunk_size=min(512, seq))
+  c.model = config_lib.model_config(**p, remat_policy=remat, attention_impl=attention,
+                                    loss_chunk_size=min(loss_chunk, seq_len))
   c.data.synthetic = True
-  c.data.seq_len = seq
+  c.data.seq_len = seq_len
   c.data.max_audio_windows = 0
   c.data.per_device_batch = rows
+  c.optim.grad_accum_steps = accum or run["accum"]
   c.mesh.ici = dict(data=1, fsdp=1, tensor=1, sequence=1)
   return c
+
+
+def packed_batch(cfg: ModelConfig, rows: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """Full packed rows of text+codec documents (module docstring), in the batch contract's layout."""
+  rng = np.random.default_rng(seed)
+  s = cfg.num_streams
+  ids = np.zeros((rows, seq_len, s), np.int32)
+  w = np.zeros((rows, seq_len, s), np.float32)
+  seg = np.zeros((rows, seq_len), np.int32)
+  pos = np.zeros((rows, seq_len), np.int32)
+  for r in range(rows):
+    t, doc = 0, 1
+    while t < seq_len:
+      n = min(int(rng.integers(32, max(33, seq_len // 2))), seq_len - t)
+      n_text = n // 3
+      ids[r, t:t + n_text, 0] = rng.integers(cfg.num_specials, cfg.codec_start, size=n_text)
+      w[r, t:t + n_text, 0] = 1.0
+      codes = rng.integers(0, cfg.codebook_size, size=(n - n_text, s))
+      for k in range(s):
+        ids[r, t + n_text:t + n, k] = cfg.codec_id(k, codes[:, k])
+      w[r, t + n_text:t + n] = 0.125
+      seg[r, t:t + n] = doc
+      pos[r, t:t + n] = np.arange(n)
+      t, doc = t + n, doc + 1
+  return {"input_ids": ids, "loss_weights": w, "segment_ids": seg, "positions": pos}
 
 
 def _timed(fn, steps: int) -> list[float]:
@@ -76,70 +142,180 @@ def _timed(fn, steps: int) -> list[float]:
   return out
 
 
-def bench_jax(config, steps: int) -> dict:
+def _timed_interleaved(fns: list, steps: int) -> list[list[float]]:
+  """Warm-up twice each, then alternate the steps: both sides see the same machine load (shared hosts)."""
+  for _ in range(2):
+    for fn in fns:
+      fn()
+  out = [[] for _ in fns]
+  for _ in range(steps):
+    for i, fn in enumerate(fns):
+      t = time.perf_counter()
+      fn()
+      out[i].append(time.perf_counter() - t)
+  return out
+
+
+def bench_jax(config, micro_batches: list[dict], steps: int, keep_params: bool = True) -> dict:
+  """Compiles and runs our step once; times `steps` more unless steps == 0 (then r['step'] is the step)."""
   mesh = sharding.make_mesh(config, devices=jax.devices()[:1])
   s = trainer.Setup(config, mesh)
-  box = {"state": s.layout.fresh_state()}
-  it = SyntheticIterator(s.cfg, rows=int(config.data.per_device_batch), seq_len=int(config.data.seq_len),
-                         audio_windows=0)
-  batch = s.host_to_device([next(it)])
+  state = s.layout.fresh_state()
+  params = jax.device_get(state.params) if keep_params else None
+  box = {"state": state}
+  dev_batch = s.host_to_device(micro_batches)
 
   def step():
-    box["state"], m = s.train_step(box["state"], batch)
-    jax.block_until_ready(m)
-    box["loss"] = float(m["loss"])
+    box["state"], m = s.train_step(box["state"], dev_batch)
+    box["loss"] = float(m["loss"])  # waits for the step
   t0 = time.perf_counter()
   step()
   compile_s = time.perf_counter() - t0
-  times = _timed(step, steps)
-  ids = jax.device_get(batch["input_ids"])[0, :, :, 0]
-  return {"times": times, "compile_s": compile_s, "loss": box["loss"], "ids": ids}
+  first_loss = box["loss"]
+  times = _timed(step, steps) if steps else []
+  return {"times": times, "compile_s": compile_s, "first_loss": first_loss, "params": params, "step": step}
 
 
-def bench_torch(config, ids, steps: int) -> dict:
-  import torch  # pylint: disable=g-import-not-at-top
-  from transformers import Qwen3Config, Qwen3ForCausalLM  # pylint: disable=g-import-not-at-top
-  cfg = ModelConfig.from_dict(config.model)
-  hf = Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                   intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-                   num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-                   head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
-                   tie_word_embeddings=False, attention_bias=False,
-                   max_position_embeddings=cfg.max_position_embeddings, attn_implementation="sdpa")
+# ---------------------------------------------------------------------------------------------
+# The PyTorch peer (torch / transformers imported lazily: optional heavy dependencies).
+
+
+def torch_peer(cfg: ModelConfig, device: str):
+  """TorchBagpiper(cfg) on `device`: transformers Qwen3Model + lm_head + stream_emb (module docstring)."""
+  import torch  # pylint: disable=g-import-not-at-top  (optional heavy dependency)
+  from transformers import Qwen3Config, Qwen3Model  # pylint: disable=g-import-not-at-top  (optional heavy dependency)
+
+  class TorchBagpiper(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      hf = Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                       head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+                       tie_word_embeddings=False, attention_bias=False,
+                       max_position_embeddings=cfg.max_position_embeddings, attn_implementation="sdpa")
+      self.model = Qwen3Model(hf)
+      self.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+      self.stream_emb = torch.nn.Embedding(cfg.num_streams, cfg.hidden_size)
+
+    def forward(self, ids, weights, seg, pos):
+      s, cs = cfg.num_streams, cfg.codec_start
+      emb = self.model.embed_tokens
+      x = emb(ids[..., 0])
+      for n in range(1, s):
+        x = x + emb(ids[..., n]) * (ids[..., n] != 0).unsqueeze(-1).to(x.dtype)
+      l = ids.shape[1]
+      causal = torch.ones(l, l, dtype=torch.bool, device=ids.device).tril()
+      mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # [B, 1, L, L], True = attend
+      h = self.model(inputs_embeds=x, position_ids=pos, attention_mask=mask).last_hidden_state
+      table = self.stream_emb.weight * (torch.arange(s, device=ids.device) > 0)[:, None].to(h.dtype)
+      base = self.lm_head(h).float()  # [B, L, V]: one lm_head matmul serves all 8 streams
+      off = self.lm_head(table).float()  # [S, V]
+      # Targets: the next cell of the same document.
+      same = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).float()
+      tgt, w = ids[:, 1:].long(), weights[:, 1:] * same[..., None]
+      base = base[:, :-1]
+      logits0 = base + off[0]
+      ce0 = torch.logsumexp(logits0, -1) - logits0.gather(-1, tgt[..., :1])[..., 0]
+      logits_c = base[:, :, None, cs:] + off[1:, cs:]  # [B, L-1, S-1, Vc]
+      idx = (tgt[..., 1:] - cs).clamp(0, logits_c.shape[-1] - 1)
+      ce_c = torch.logsumexp(logits_c, -1) - logits_c.gather(-1, idx[..., None])[..., 0]
+      total = (w[..., 0] * ce0).sum() + (w[..., 1:] * ce_c).sum()
+      return total, (w[..., 0] > 0).float().sum()
+
   torch.manual_seed(0)
-  model = Qwen3ForCausalLM(hf).to(torch.float32).train()
+  return TorchBagpiper().to(device)
+
+
+def _same_doc(seg: np.ndarray) -> np.ndarray:
+  """[B, L-1]: position t+1 continues the document of position t (the shifted targets' mask)."""
+  return (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+
+
+def load_jax_params(model, params, cfg: ModelConfig) -> None:
+  """Copies bagpiper_jax params into the peer through the conversion rules (same names as HF/ESPnet)."""
+  import torch  # pylint: disable=g-import-not-at-top  (optional heavy dependency)
+  want = rules_lib.decoder_rules(cfg) + [r for r in rules_lib.bagpiper_io_rules(cfg) if r.flax_path[0] == "stream_emb"]
+  state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in rules_lib.to_torch_tensors(params, want)}
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+  if missing or unexpected:
+    raise RuntimeError(f"torch peer state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def bench_torch(config, micro_batches: list[dict], params, steps: int) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top  (optional heavy dependency)
+  cfg = ModelConfig.from_dict(config.model)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = torch_peer(cfg, device)
+  if params is not None:
+    load_jax_params(model, params, cfg)
+  model.train()
   o = config.optim
-  opt = torch.optim.AdamW(model.parameters(), lr=float(o.lr), betas=(float(o.b1), float(o.b2)),
-                          eps=float(o.eps), weight_decay=float(o.weight_decay))
-  x = torch.as_tensor(np.array(ids), dtype=torch.long)
+  decay = [p for p in model.parameters() if p.ndim >= 2]
+  no_decay = [p for p in model.parameters() if p.ndim < 2]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(o.weight_decay)},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=float(o.lr), betas=(float(o.b1), float(o.b2)), eps=float(o.eps),
+                          fused=device == "cuda")
+  micro = [{k: torch.as_tensor(np.asarray(b[k])).to(device) for k in b} for b in micro_batches]
+  autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and cfg.dtype == "bfloat16")
   box = {}
 
   def step():
-    loss = model(input_ids=x, labels=x).loss
-    loss.backward()
+    # As ours: the loss of the step is the weighted sum over all micro-batches / their total count.
+    total, count = 0.0, 0.0
+    for t in micro:
+      with autocast:
+        s, n = model(t["input_ids"], t["loss_weights"], t["segment_ids"], t["positions"])
+      (s / n_all).backward()
+      total, count = total + s.detach(), count + n
     torch.nn.utils.clip_grad_norm_(model.parameters(), float(o.clip_norm))
     opt.step()
     opt.zero_grad(set_to_none=True)
-    box["loss"] = float(loss.detach())
-  times = _timed(step, steps)
-  return {"times": times, "loss": box["loss"], "threads": torch.get_num_threads()}
+    box["loss"] = float(total / count)  # waits for the step
+  n_all = sum(float(((b["loss_weights"][:, 1:, 0] > 0) & _same_doc(b["segment_ids"])).sum()) for b in micro_batches)
+  step()
+  first_loss = box["loss"]
+  times = _timed(step, steps) if steps else []
+  return {"times": times, "first_loss": first_loss, "device": device, "threads": torch.get_num_threads(),
+          "step": step}
 
 
 def matmul_peaks(n: int) -> dict:
+  """Best f32 matmul FLOP/s on this host's CPU (jax, and torch when installed)."""
   out = {"jax": metrics.measure_matmul_peak(n, repeats=3)}
   try:
-    import torch  # pylint: disable=g-import-not-at-top
-    a = torch.ones((n, n), dtype=torch.float32)
-    torch.mm(a, a)
-    best = min(_timed(lambda: torch.mm(a, a), 3))
-    out["torch"] = 2.0 * n ** 3 / best
+    import torch  # pylint: disable=g-import-not-at-top  (optional heavy dependency)
   except ImportError:
-    pass
+    return out
+  a = torch.ones((n, n), dtype=torch.float32)
+  best = min(_timed(lambda: torch.mm(a, a), 3))
+  out["torch"] = 2.0 * n ** 3 / best
   return out
 
 
 def _g(x: float) -> str:
-  return f"{x / 1e9:8.2f} GFLOP/s"
+  return f"{x / 1e12:8.3f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:8.2f} GFLOP/s"
+
+
+def _run_separately(argv_flags: list[str], env: dict) -> list[tuple[str, dict]]:
+  """Each side in its own `python -m bagpiper_jax.bench` process; their JSON results. The torch process
+  keeps JAX on the CPU, so only torch holds GPU memory there."""
+  out = []
+  for side, skip in (("jax", "--skip_torch"), ("torch", "--skip_jax")):
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "r.json")
+      cmd = [sys.executable, "-m", "bagpiper_jax.bench", *argv_flags, skip, "--noseparate_processes",
+             f"--result_json={path}"]
+      p = subprocess.run(cmd, check=False, env=dict(env, JAX_PLATFORMS="cpu") if side == "torch" else env)
+      if p.returncode != 0 or not os.path.exists(path):
+        print(f"{side} side failed (exit {p.returncode})", flush=True)
+        continue
+      with open(path) as f:
+        out += [tuple(x) for x in json.load(f)]
+  return out
 
 
 def bench_generate(preset: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> None:
@@ -154,13 +330,8 @@ def bench_generate(preset: str, *, batch: int, prompt_len: int, new_tokens: int,
   batch x new_tokens / wall time (compilation and a warm-up call excluded, best of `repeats`); the
   token sequences are compared.
   """
-  import tempfile  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top  (optional PyTorch peer)
   from transformers import Qwen3Config, Qwen3ForCausalLM  # pylint: disable=g-import-not-at-top  (optional)
-  from bagpiper_jax.convert import params_io, release, safetensors_io  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.data import template  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.generate import engine, loading  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.model import config as mc  # pylint: disable=g-import-not-at-top
   config = bench_config(preset)
   cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config, devices=jax.devices()[:1])
@@ -228,41 +399,75 @@ def bench_generate(preset: str, *, batch: int, prompt_len: int, new_tokens: int,
 
 def main(argv):
   del argv
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark, whatever else the host has
   if _GENERATE.value:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark
     bench_generate(_PRESET.value, batch=_GEN_BATCH.value, prompt_len=_GEN_PROMPT.value,
                    new_tokens=_GEN_TOKENS.value, repeats=_STEPS.value)
     return
-  config = bench_config(_PRESET.value, _REMAT.value)
+  child_env = dict(os.environ)
+  if _SEPARATE.value:  # this process only reports: JAX must not reserve the accelerator's memory here
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  backends.skip_tpu_probe_without_tpu()
+  config = bench_config(_PRESET.value, remat=_REMAT.value, rows=_ROWS.value, seq_len=_SEQ.value,
+                        attention=_ATTN.value, loss_chunk=_LOSS_CHUNK.value, accum=_ACCUM.value)
   cfg = ModelConfig.from_dict(config.model)
-  rows, seq = int(config.data.per_device_batch), int(config.data.seq_len)
-  tokens = rows * seq
-  flops = metrics.train_flops_per_step(cfg, rows=rows, seq_len=seq, audio_windows=0)
-  print(f"preset {_PRESET.value}: vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, mlp "
-        f"{cfg.intermediate_size}, layers {cfg.num_layers}, heads {cfg.num_heads}/{cfg.num_kv_heads}x"
-        f"{cfg.head_dim}; batch {rows} x {seq} = {tokens} tokens; model FLOPs/step {flops / 1e9:.1f} G; "
-        f"device {jax.devices()[0].device_kind}, {os.cpu_count()} cpus", flush=True)
-  peaks = matmul_peaks(_MATMUL_N.value)
-  peak = max(peaks.values())
-  for k, v in peaks.items():
-    print(f"matmul peak ({k}, {_MATMUL_N.value}^2 f32): {_g(v)}", flush=True)
-  j = bench_jax(config, _STEPS.value)
-  rows_out = [("bagpiper_jax train step", j)]
-  if not _SKIP_TORCH.value:
-    t = bench_torch(config, j["ids"], _STEPS.value)
-    rows_out.append((f"torch Qwen3ForCausalLM + AdamW ({t['threads']} threads)", t))
-  res = {}
-  for name, r in rows_out:
+  rows, seq, accum = int(config.data.per_device_batch), int(config.data.seq_len), int(config.optim.grad_accum_steps)
+  tokens = accum * rows * seq
+  flops = metrics.train_flops_per_step(cfg, rows=accum * rows, seq_len=seq, audio_windows=0)
+  dev = jax.devices()[0]
+  print(f"preset {_PRESET.value}: vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, "
+        f"layers {cfg.num_layers}, heads {cfg.num_heads}/{cfg.num_kv_heads}x{cfg.head_dim}, {cfg.dtype}, attention "
+        f"{cfg.attention_impl}, remat {cfg.remat_policy}; step {accum} x {rows} x {seq} = {tokens} packed tokens; "
+        f"model FLOPs/step {flops / 1e9:.1f} G; device {dev.device_kind} ({dev.platform}), {os.cpu_count()} cpus",
+        flush=True)
+  if dev.platform == "cpu":
+    peaks = matmul_peaks(_MATMUL_N.value)
+    for k, v in peaks.items():
+      print(f"matmul peak ({k}, {_MATMUL_N.value}^2 f32): {_g(v)}", flush=True)
+    peak, peak_name = max(peaks.values()), "of matmul peak"
+  else:
+    peak, src = metrics.device_peak_flops(config, dev)
+    print(f"peak {_g(peak)} ({src})", flush=True)
+    peak_name = "MFU"
+  if _SEPARATE.value:
+    passed = [a for a in sys.argv[1:] if not a.startswith(("--separate_processes", "--result_json"))]
+    results = _run_separately(passed, child_env)
+  else:
+    micro = [packed_batch(cfg, rows, seq, seed=i) for i in range(accum)]
+    results, params = [], None
+    both = not _SKIP_JAX.value and not _SKIP_TORCH.value
+    steps = 0 if both else _STEPS.value  # both sides: timed interleaved below
+    if not _SKIP_JAX.value:
+      j = bench_jax(config, micro, steps, keep_params=not _SKIP_TORCH.value)
+      params = j.pop("params")
+      results.append(("bagpiper_jax train step", j))
+    if not _SKIP_TORCH.value:
+      t = bench_torch(config, micro, params, steps)
+      results.append((f"torch Qwen3Model+8 streams ({t['device']}, {t['threads']} threads)", t))
+    if both:
+      for (_, r), times in zip(results, _timed_interleaved([r["step"] for _, r in results], _STEPS.value)):
+        r["times"] = times
+    for _, r in results:
+      r.pop("step")
+  if _RESULT_JSON.value:
+    with open(_RESULT_JSON.value, "w") as f:
+      json.dump(results, f)
+  if len(results) == 2 and not _SEPARATE.value:
+    print(f"first-step loss (same weights, same batch): jax {results[0][1]['first_loss']:.5f}, "
+          f"torch {results[1][1]['first_loss']:.5f}", flush=True)
+  rate = {}
+  for name, r in results:
     best, med = min(r["times"]), statistics.median(r["times"])
-    res[name] = flops / med
-    print(f"{name:45s} median {med:7.3f} s/step (best {best:.3f}) | {tokens / med:9.1f} tok/s | "
-          f"{_g(flops / med)} | {100 * flops / med / peak:5.1f}% of matmul peak | loss {r['loss']:.3f}",
-          flush=True)
-  print(f"jax compile (first step): {j['compile_s']:.1f} s")
-  jax_rate = res["bagpiper_jax train step"]
-  print(f"RATIO jax / matmul peak : {jax_rate / peak:.3f}")
-  if len(rows_out) > 1:
-    print(f"RATIO jax / torch       : {jax_rate / res[rows_out[1][0]]:.3f}  (tokens/s, same batch and sizes)")
+    rate[name] = flops / med
+    print(f"{name:45s} median {med:8.4f} s/step (best {best:.4f}) | {tokens / med:10.1f} tok/s | "
+          f"{_g(flops / med)} | {100 * flops / med / peak:5.1f}% {peak_name}", flush=True)
+  jax_rows = [n for n, _ in results if n.startswith("bagpiper_jax")]
+  torch_rows = [n for n, _ in results if n.startswith("torch")]
+  if jax_rows:
+    print(f"jax compile (first step): {dict(results)[jax_rows[0]]['compile_s']:.1f} s")
+    print(f"RATIO jax / peak        : {rate[jax_rows[0]] / peak:.3f}" + ("  (MFU)" if dev.platform != "cpu" else ""))
+  if jax_rows and torch_rows:
+    print(f"RATIO jax / torch       : {rate[jax_rows[0]] / rate[torch_rows[0]]:.3f}  (tokens/s, same batch and sizes)")
 
 
 if __name__ == "__main__":

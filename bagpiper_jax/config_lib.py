@@ -132,4 +132,10 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.release.with_codec = True  # False: no codec tensors (weights-only)
   c.release.xcodec_hf_model_tag = vllm_config.DEFAULT_XCODEC_TAG  # config.json: the codec the vLLM fork loads
   c.device_peak_flops = 0.0  # 0: look up by device kind
+
+  # Compilation (bagpiper_jax/compile_cache.py, trainer.py, profiling.py).
+  c.compilation_cache_dir = "compilation_cache"  # relative: under the workdir; absolute or gs://; "" = off
+  c.compilation_cache_min_compile_secs = 0.0  # programs that compile faster are not cached (0: all)
+  c.compiled_train_step = ""  # executable from `launch.aot_compile --save_compiled` to run instead of compiling
+  c.profile_steps = ""  # "N,M": jax.profiler trace of steps N..M into <workdir>/profile (TensorBoard / xprof)
   return c

@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 from bagpiper_jax import backends
 from bagpiper_jax import checkpoint as ckpt_lib
-from bagpiper_jax import paths
+from bagpiper_jax import compile_cache, paths
 from bagpiper_jax.train_loop import NonFiniteError, RunError, train_and_evaluate
 from data_pipeline import demo
 
@@ -112,13 +112,18 @@ def main(argv):
   config.init_from = paths.resolve(config.init_from)
   config.release.tokenizer, config.release.codec = (paths.resolve(p) for p in (config.release.tokenizer,
                                                                                config.release.codec))
+  config.compiled_train_step = paths.resolve(config.compiled_train_step) or ""
   print(f"workdir {workdir}", flush=True)
+  cache = compile_cache.setup(config, workdir)
+  counter = compile_cache.CompileCounter()
   try:
     check_workdir(config, workdir)
     if config.data.demo and not config.data.synthetic:
       prepare_demo_data(config, workdir)
     train_and_evaluate(config, workdir, resume_from_step=_RESUME_FROM.value,
                        accept_data_change=_ACCEPT_DATA.value)
+    if jax.process_index() == 0:
+      print(counter.summary(cache), flush=True)
   except (RunError, NonFiniteError, ckpt_lib.CheckpointError) as e:
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

@@ -39,7 +39,7 @@ from bagpiper_jax import checkpoint as ckpt_lib
 from bagpiper_jax import evaluate as eval_lib
 from bagpiper_jax import goodput as goodput_lib
 from bagpiper_jax import metrics as metrics_lib
-from bagpiper_jax import paths, sharding, trainer
+from bagpiper_jax import paths, profiling, sharding, trainer
 from bagpiper_jax.convert.release_action import ReleaseAction
 from bagpiper_jax.data import input_pipeline
 from bagpiper_jax.data import slots as slots_lib
@@ -278,7 +278,8 @@ def make_actions(config, setup: trainer.Setup, make_eval, writer: metrics_lib.Me
   """The run's periodic actions, in the order they run after a step."""
   return [EvalAction(config, setup, make_eval, writer),
           sample_action.SampleAction(config, setup, writer, workdir),
-          ReleaseAction(config, setup, workdir)]
+          ReleaseAction(config, setup, workdir),
+          profiling.ProfileAction(config, workdir)]
 
 
 # ---------------------------------------------------------------------------------------------

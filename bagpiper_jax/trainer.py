@@ -12,10 +12,13 @@ holds them together for the loop (train.py), the evaluation and the benchmark.
 from __future__ import annotations
 
 import functools
+import pickle
 from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from etils import epath
+from jax.experimental import serialize_executable
 from jax.sharding import Mesh
 
 from bagpiper_jax import batch as batch_lib
@@ -23,6 +26,39 @@ from bagpiper_jax import sharding, train_step
 from bagpiper_jax.data.slots import DataSlots
 from bagpiper_jax.model import ModelConfig
 from bagpiper_jax.train_state import StateLayout
+
+
+# What launch/aot_compile.py --save_compiled writes (a pickled dict: format, executable, in_tree,
+# out_tree, meta) and `load_compiled` reads.
+COMPILED_FORMAT = "bagpiper_jax.compiled_train_step/1"
+
+
+class CompiledStepError(RuntimeError):
+  """config.compiled_train_step does not fit this run (other shapes, devices or format)."""
+
+
+def load_compiled(path: str, abstract_args) -> jax.stages.Compiled:
+  """The train step executable saved by `launch.aot_compile --save_compiled=PATH`, loaded onto this
+  process's devices, after checking that it takes exactly `abstract_args` ((state, batch) shapes)."""
+  try:
+    blob = pickle.loads(epath.Path(path).read_bytes())
+  except (OSError, pickle.UnpicklingError, EOFError) as e:
+    raise CompiledStepError(f"config.compiled_train_step={path}: cannot read it ({type(e).__name__}: {e})") from e
+  if not isinstance(blob, dict) or blob.get("format") != COMPILED_FORMAT:
+    raise CompiledStepError(f"config.compiled_train_step={path}: not a file written by "
+                            "`python -m launch.aot_compile --save_compiled`")
+  if jax.tree.structure((tuple(abstract_args), {})) != blob["in_tree"]:
+    raise CompiledStepError(f"config.compiled_train_step={path}: compiled for another state/batch structure "
+                            f"({blob['meta'].get('topology')}); compile it again for this config")
+  compiled = serialize_executable.deserialize_and_load(blob["executable"], blob["in_tree"], blob["out_tree"])
+  sig = lambda a: (tuple(a.shape), str(a.dtype))
+  bad = [f"{jax.tree_util.keystr(k)}: {sig(g)} vs {sig(w)}" for (k, w), g in
+         zip(jax.tree_util.tree_leaves_with_path(tuple(abstract_args)), jax.tree.leaves(compiled.args_info))
+         if sig(g) != sig(w)]
+  if bad:
+    raise CompiledStepError(f"config.compiled_train_step={path}: compiled for other shapes "
+                            f"({blob['meta'].get('topology')}): {'; '.join(bad[:3])}")
+  return compiled
 
 
 class Setup:
@@ -48,6 +84,9 @@ class Setup:
 
   @functools.cached_property
   def train_step(self):
+    if self.config.compiled_train_step:
+      print(f"train step: the executable in {self.config.compiled_train_step} (no compilation)", flush=True)
+      return load_compiled(self.config.compiled_train_step, (self.layout.abstract_state, self.abstract_batch))
     return train_step.jit_train_step(self.layout, self.batch_sharding)
 
   @functools.cached_property

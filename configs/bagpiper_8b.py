@@ -1,16 +1,50 @@
-"""Bagpiper 8B (Qwen3-8B-Base decoder, Qwen3-Omni audio tower). Stage after ':' (default pretrain).
+"""Bagpiper 8B (Qwen3-8B-Base decoder, Qwen3-Omni audio tower). Stage after ':' (default pretrain),
+optionally a TPU slice after a comma for the settings tuned for it:
 
   python -m bagpiper_jax.train --config=configs/bagpiper_8b.py:warmup --workdir=gs://...
+  python -m bagpiper_jax.train --config=configs/bagpiper_8b.py:pretrain,v5p-128 --workdir=gs://...
+
+Without a slice the config is the conservative one that fits every slice we compiled for (remat
+`nothing_saveable`, one packed row per chip: 9-56% of HBM). `TOPOLOGY_PRESETS` hold, per slice, the
+point of the AOT sweep (`python -m launch.sweep`, tables in launch/README.md) with the least executed
+FLOPs per token within 85% of the chip's HBM. They are for warmup and pretrain (seq 8,192); SFT rows
+(20,000 positions) were not swept, so `sft,<slice>` is refused rather than guessed.
 """
 
 from bagpiper_jax import config_lib
 
+# slice -> overrides: remat policy (+ names offloaded to host memory), splash fused backward kernel,
+# packed rows per chip. Measured with libtpu 0.0.52 (launch/README.md, "Tuned configs").
+TOPOLOGY_PRESETS = {
+    "v5p-128": dict(remat_policy="minimal_with_context", remat_offload="", attention_fused_bwd=True,
+                    per_device_batch=2),
+    "v6e-256": dict(remat_policy="minimal_with_context",
+                    remat_offload="decoder_layer_input,query_proj,key_proj,value_proj,out_proj",
+                    attention_fused_bwd=True, per_device_batch=1),
+    "v5e-256": dict(remat_policy="custom",
+                    remat_offload="decoder_layer_input,query_proj,key_proj,value_proj,out_proj",
+                    attention_fused_bwd=True, per_device_batch=1),
+}
 
-def get_config(stage: str = "pretrain"):
+
+def get_config(arg: str = "pretrain"):
+  stage, _, slice_name = (arg or "pretrain").partition(",")
   c = config_lib.base_config(stage or "pretrain")
   # c.model keeps the 8B defaults: vocab 160392 = 256 specials + 151936 text + 8 x 1025 codec.
   c.model.attention_impl = "splash"  # TPU Pallas flash attention with segment ids (use "xla" elsewhere)
   c.data.seq_len = 20_000 if c.stage == "sft" else 8192
   c.data.max_audio_windows = 32
   c.mesh.ici = dict(data=1, fsdp=-1, tensor=1, sequence=1)
+  if slice_name:
+    if slice_name not in TOPOLOGY_PRESETS:
+      raise ValueError(f"configs/bagpiper_8b.py:{arg}: no tuned settings for slice {slice_name!r}; known: "
+                       f"{sorted(TOPOLOGY_PRESETS)} (or sweep it: python -m launch.sweep, launch/README.md)")
+    if c.stage == "sft":
+      raise ValueError(f"configs/bagpiper_8b.py:{arg}: the slice presets were swept for seq 8,192 (warmup, "
+                       "pretrain); sweep SFT's 20,000-position rows first (launch/README.md)")
+    p = TOPOLOGY_PRESETS[slice_name]
+    c.model.remat_policy = p["remat_policy"]
+    c.model.remat_offload = p["remat_offload"]
+    c.model.attention_fused_bwd = p["attention_fused_bwd"]
+    c.data.per_device_batch = p["per_device_batch"]
   return c

@@ -36,9 +36,12 @@ import numpy as np
 import soundfile as sf
 import threadpoolctl
 from absl import app, flags
+from array_record.python import array_record_module
 
 from bagpiper_jax import backends
+from bagpiper_jax import codec
 from bagpiper_jax import paths
+from bagpiper_jax.data import records
 from data_pipeline import build
 from data_pipeline import demo
 from data_pipeline import manifest as manifest_lib
@@ -60,8 +63,6 @@ _BATCHES = flags.DEFINE_list("codec_batch_sizes", ["1", "4"], "X-Codec batch siz
 
 def audio_seconds(out_dir: str) -> tuple[int, float]:
   """(records, seconds of audio they hold: mel frames / 100 + codec frames / 50) under out_dir."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.data import records  # pylint: disable=g-import-not-at-top
   n, secs = 0, 0.0
   for d, _, files in os.walk(out_dir):
     for f in files:
@@ -90,7 +91,6 @@ def engines(root: str, workers: int, rounds: int) -> None:
     p = demo.DemoPaths(**json.load(f)["paths"])
   xc = os.path.join(data, "xcodec_tiny")
   if not os.path.isfile(os.path.join(xc, "config.json")):
-    from bagpiper_jax import codec  # pylint: disable=g-import-not-at-top
     codec.build_tiny_xcodec(xc, seed=0)
   settings = build.BuildSettings(tokenizer=p.tokenizer, codec=f"xcodec:{xc}")
   manifests = p.manifests["train"]

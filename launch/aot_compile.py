@@ -29,6 +29,15 @@ Report (per chip = per JAX device; v4/v5p megacore chips are one device):
              FLOPs (must be < 100% for the assumption to be possible). With --step_time (measured
              seconds per step on the pod) it prints the MFU that step time means instead.
 
+Saving the executable (`--save_compiled=PATH`, local or gs://): the compiled program is serialized
+(`jax.experimental.serialize_executable`) with its argument/result tree structure, so a run on the
+pod with the same config and slice loads it (`--config.compiled_train_step=PATH`, see
+bagpiper_jax/trainer.py) instead of compiling (MaxText's `compiled_trainstep_file`).
+
+Compile time: the report splits the time into building the state layout, tracing, counting FLOPs,
+lowering and XLA's compile, and gives the size of the lowered program (StableHLO ops) and of the
+compiled one (HLO instructions, when the backend can print it).
+
 Exit status: 0 fits; 3 does not fit (or XLA ran out of memory while compiling); anything else is
 an error (bad flag, bad config, mesh that does not divide ...).
 """
@@ -38,6 +47,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import time
@@ -45,14 +55,22 @@ from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # never grab local accelerators: we compile only
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from etils import epath  # noqa: E402
+from flax import traverse_util  # noqa: E402
+from jax.experimental import serialize_executable  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from bagpiper_jax import backends, metrics, optim, sharding, train_state, train_step, trainer  # noqa: E402
+from bagpiper_jax.generate import engine  # noqa: E402
+from bagpiper_jax.model import ModelConfig  # noqa: E402
 from launch import flop_count  # noqa: E402
 from launch import topology as topology_lib  # noqa: E402
 
 NOT_FIT_EXIT = 3
-
 
 
 def define_flags() -> None:
@@ -64,7 +82,11 @@ def define_flags() -> None:
   flags.DEFINE_float("assumed_mfu", 0.4, "MFU assumed for the step-time estimate.")
   flags.DEFINE_float("step_time", 0.0, "Measured seconds per step on the pod (optional): print the MFU it implies.")
   flags.DEFINE_string("report_json", "", "Also write the report as JSON to this path.")
-  flags.DEFINE_string("dump_hlo", "", "Write the optimized per-device HLO text to this path.")
+  flags.DEFINE_string("dump_hlo", "", "Write the lowered StableHLO to PATH and the optimized per-device HLO "
+                      "to PATH.opt (when the backend can print it).")
+  flags.DEFINE_bool("flops_only", False, "Trace and count FLOPs only (seconds): no XLA compile, no memory report.")
+  flags.DEFINE_string("save_compiled", "", "Serialize the compiled train step to this file (local or gs://) for "
+                      "a run to load with --config.compiled_train_step.")
   flags.DEFINE_bool("decode", False, "Compile the generation decode step (compile_decode_step) instead.")
   flags.DEFINE_integer("decode_batch", 32, "--decode: requests decoded together.")
   flags.DEFINE_integer("decode_cache_len", 4096, "--decode: KV-cache rows per request.")
@@ -88,19 +110,58 @@ def prepare_config(config, topo: topology_lib.Topology) -> list[str]:
 
 
 def compile_train_step(config, topo: topology_lib.Topology):
-  """(compiled, mesh, abstract_state, abstract_batch, jaxpr FLOP count, timings) for `config` on `topo`."""
-  from bagpiper_jax import sharding, train_step  # pylint: disable=g-import-not-at-top
+  """(compiled, mesh, abstract_state, abstract_batch, jaxpr FLOP count, timings, sizes) for `config` on `topo`."""
   devices = topology_lib.devices(topo)
   mesh = sharding.make_mesh(config, devices=devices)
-  t0 = time.time()
+  t = [time.perf_counter()]
   step_fn, abstract_state, _, abstract_batch, _ = train_step.build_train_step(config, mesh)
+  t.append(time.perf_counter())
   traced = step_fn.trace(abstract_state, abstract_batch)
+  t.append(time.perf_counter())
   counted = flop_count.count_traced(traced)
+  t.append(time.perf_counter())
   lowered = traced.lower()
-  t1 = time.time()
+  t.append(time.perf_counter())
+  cpu0 = time.process_time()
   compiled = lowered.compile()
-  timing = {"lower_s": t1 - t0, "compile_s": time.time() - t1}
-  return compiled, mesh, abstract_state, abstract_batch, counted, timing
+  t.append(time.perf_counter())
+  names = ("build_s", "trace_s", "flop_count_s", "lower_s", "compile_s")
+  timing = {k: b - a for k, a, b in zip(names, t, t[1:])}
+  timing["compile_cpu_s"] = time.process_time() - cpu0  # all threads; less sensitive to other jobs than wall
+  sizes = {"jaxpr_eqns": flop_count.count_eqns(traced.jaxpr), "stablehlo_ops": stablehlo_op_count(lowered)}
+  optimized = optimized_hlo_text(compiled)
+  if optimized is not None:
+    sizes["hlo_instructions"] = hlo_instruction_count(optimized)
+  return compiled, lowered, mesh, abstract_state, abstract_batch, counted, timing, sizes
+
+
+def stablehlo_op_count(lowered) -> int:
+  """Operations in the lowered module (lines holding an op, regions' ops included)."""
+  return sum(1 for line in lowered.as_text().splitlines() if re.match(r"\s*(%\S+ = )?\"?[a-z_]+\.[a-z_]", line))
+
+
+def optimized_hlo_text(compiled) -> str | None:
+  """The optimized per-device HLO, or None where the backend cannot print it (libtpu 0.0.52 fails a
+  RET_CHECK on async-update instructions of some programs)."""
+  try:
+    return compiled.as_text()
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def hlo_instruction_count(text: str) -> int:
+  return sum(1 for line in text.splitlines() if re.match(r"\s*(ROOT )?%?[\w.\-]+ = ", line))
+
+
+def save_compiled(compiled, path: str, meta: dict) -> int:
+  """Writes the serialized executable + its pytree structures + `meta` (what it was compiled for)."""
+  payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+  blob = pickle.dumps({"format": trainer.COMPILED_FORMAT, "executable": payload, "in_tree": in_tree,
+                       "out_tree": out_tree, "meta": meta})
+  p = epath.Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  p.write_bytes(blob)
+  return len(blob)
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -122,8 +183,6 @@ def oom_summary(e: BaseException) -> str:
 
 def _per_device_bytes(tree) -> int:
   """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard, to be safe)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   total = 0
   for leaf in jax.tree.leaves(tree):
     shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
@@ -143,6 +202,12 @@ def memory_report(compiled, chip: topology_lib.Chip, abstract_state=None, abstra
       "code": int(m.generated_code_size_in_bytes),
   }
   r["total"] = r["arguments"] + r["outputs"] - r["aliased"] + r["temps"] + r["code"]
+  # Host memory (pinned_host): offloaded activations / optimizer state; per device, like the rest.
+  host = {k: int(getattr(m, f"host_{k}_size_in_bytes", 0) or 0)
+          for k in ("argument", "output", "alias", "temp")}
+  r["host_total"] = host["argument"] + host["output"] - host["alias"] + host["temp"]
+  r["host_temps"] = host["temp"]
+  r["peak"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
   r["hbm"] = int(chip.hbm_bytes)
   r["fits"] = r["total"] <= r["hbm"]
   r["headroom"] = r["hbm"] - r["total"]
@@ -162,9 +227,6 @@ def _cost_dict(compiled) -> dict:
 
 def layers_trainable(config) -> bool:
   """Whether the decoder layers get gradients in this stage (warmup freezes them)."""
-  from bagpiper_jax import optim, train_state  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   params, _ = train_state.param_specs(ModelConfig.from_dict(config.model))
   mask = traverse_util.flatten_dict(optim.trainable_mask(config, params))
   return any(v for k, v in mask.items() if k[0] == "layers")
@@ -172,15 +234,13 @@ def layers_trainable(config) -> bool:
 
 def flops_report(compiled, counted: flop_count.FlopCount, config, abstract_batch, num_chips: int, peak: float,
                  assumed_mfu: float, step_time: float = 0.0) -> dict:
-  from bagpiper_jax import metrics  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
   ids = abstract_batch["input_ids"]
   micro, rows, seq_len = int(ids.shape[0]), int(ids.shape[1]), int(ids.shape[2])
   windows = int(abstract_batch["audio_mel"].shape[2]) if "audio_mel" in abstract_batch else 0
   cfg = ModelConfig.from_dict(config.model)
   model_flops = metrics.train_flops_per_step(cfg, rows=micro * rows, seq_len=seq_len, audio_windows=windows,
                                              layers_trainable=layers_trainable(config))
-  cost = _cost_dict(compiled)
+  cost = _cost_dict(compiled) if compiled is not None else {}
   compiled_flops = float(cost.get("flops", float("nan")))
   tokens = micro * rows * seq_len
   r = {
@@ -193,6 +253,7 @@ def flops_report(compiled, counted: flop_count.FlopCount, config, abstract_batch
       "model_flops_per_step": model_flops,
       "model_flops_per_chip": model_flops / num_chips,
       "executed_over_model": counted.flops / model_flops,
+      "executed_flops_per_token": counted.flops / tokens,
       "bytes_accessed_per_chip": float(cost.get("bytes accessed", float("nan"))),
       "peak_flops_per_chip": peak,
       "assumed_mfu": assumed_mfu,
@@ -219,7 +280,11 @@ def format_report(rep: dict) -> str:
          f"  mesh {rep['mesh']}  ({rep['num_chips']} chips, {rep['chip']}, device kind {rep['device_kind']!r})"]
   out += [f"  note: {n}" for n in rep.get("notes", [])]
   if "timing" in rep:
-    out.append(f"  lower {rep['timing']['lower_s']:.1f} s, compile {rep['timing']['compile_s']:.1f} s")
+    t, z = rep["timing"], rep.get("sizes", {})
+    out.append(f"  time: build {t['build_s']:.1f} s, trace {t['trace_s']:.1f} s, FLOP count {t['flop_count_s']:.1f} s, "
+               f"lower {t['lower_s']:.1f} s, XLA compile {t['compile_s']:.1f} s ({t.get('compile_cpu_s', 0):.1f} s CPU); program: "
+               f"{z.get('jaxpr_eqns', 0):,} jaxpr equations, {z.get('stablehlo_ops', 0):,} StableHLO ops"
+               + (f", {z['hlo_instructions']:,} optimized HLO instructions" if "hlo_instructions" in z else ""))
   m = rep.get("memory")
   if m is None:
     out.append("  DOES NOT FIT: XLA ran out of memory while compiling:\n    "
@@ -233,6 +298,8 @@ def format_report(rep: dict) -> str:
   out.append(f"    aliased   {_gib(m['aliased'])}   (donated state reused in place)")
   out.append(f"    temps     {_gib(m['temps'])}")
   out.append(f"    code      {_gib(m['code'])}")
+  if m.get("host_total"):
+    out.append(f"    host      {_gib(m['host_total'])}   (pinned host memory: offloaded activations / state)")
   out.append(f"    total     {_gib(m['total'])}   of {_gib(m['hbm']).strip()} HBM -> "
              + (f"FITS ({100 * m['total'] / m['hbm']:.1f}% used, {_gib(m['headroom']).strip()} free)"
                 if m["fits"] else f"DOES NOT FIT (over by {_gib(-m['headroom']).strip()})"))
@@ -258,19 +325,28 @@ def format_report(rep: dict) -> str:
   return "\n".join(out)
 
 
+def count_flops(config, topology: str, num_slices: int = 1, *, assumed_mfu: float = 0.4) -> dict:
+  """The FLOPs part of the report from tracing alone (no XLA compile): seconds instead of minutes."""
+  topo = topology_lib.parse(topology, num_slices)
+  prepare_config(config, topo)
+  mesh = sharding.make_mesh(config, devices=topology_lib.devices(topo))
+  step_fn, abstract_state, _, abstract_batch, _ = train_step.build_train_step(config, mesh)
+  counted = flop_count.count_traced(step_fn.trace(abstract_state, abstract_batch))
+  return flops_report(None, counted, config, abstract_batch, topo.num_chips, topo.chip.peak_bf16_flops, assumed_mfu)
+
+
 def run(config, topology: str, num_slices: int = 1, *, assumed_mfu: float = 0.4, step_time: float = 0.0,
-        config_name: str = "", dump_hlo: str = "") -> dict:
+        config_name: str = "", dump_hlo: str = "", save_compiled_to: str = "") -> dict:
   """Compiles and returns the report dict (rep['fits'] says whether it fits)."""
   topo = topology_lib.parse(topology, num_slices)
   notes = prepare_config(config, topo)
   rep: dict[str, Any] = {"config": config_name or "<config>", "topology": topo.describe(), "num_chips": topo.num_chips,
                          "chip": topo.chip.name, "notes": notes, "stage": str(config.get("stage", ""))}
   try:
-    compiled, mesh, abstract_state, abstract_batch, counted, timing = compile_train_step(config, topo)
+    compiled, lowered, mesh, abstract_state, abstract_batch, counted, timing, sizes = compile_train_step(config, topo)
   except Exception as e:  # pylint: disable=broad-except
     if not is_out_of_memory(e):
       raise
-    from bagpiper_jax import sharding  # pylint: disable=g-import-not-at-top
     mesh = sharding.make_mesh(config, devices=topology_lib.devices(topo))
     rep.update(mesh=dict(mesh.shape), device_kind=mesh.devices.flat[0].device_kind, fits=False,
                oom=oom_summary(e), memory=None)
@@ -278,13 +354,20 @@ def run(config, topology: str, num_slices: int = 1, *, assumed_mfu: float = 0.4,
   rep["mesh"] = dict(mesh.shape)
   rep["device_kind"] = mesh.devices.flat[0].device_kind
   rep["timing"] = timing
+  rep["sizes"] = sizes
   rep["memory"] = memory_report(compiled, topo.chip, abstract_state, abstract_batch)
   rep["flops"] = flops_report(compiled, counted, config, abstract_batch, topo.num_chips, topo.chip.peak_bf16_flops,
                               assumed_mfu, step_time)
   rep["fits"] = rep["memory"]["fits"]
   if dump_hlo:
-    with open(dump_hlo, "w") as f:
-      f.write(compiled.as_text())
+    epath.Path(dump_hlo).write_text(lowered.as_text())
+    optimized = optimized_hlo_text(compiled)
+    if optimized is not None:
+      epath.Path(dump_hlo + ".opt").write_text(optimized)
+  if save_compiled_to:
+    meta = {"topology": topo.describe(), "num_chips": topo.num_chips, "device_kind": rep["device_kind"],
+            "mesh": rep["mesh"], "config": config.to_json_best_effort(sort_keys=True)}
+    rep["saved_compiled"] = {"path": save_compiled_to, "bytes": save_compiled(compiled, save_compiled_to, meta)}
   return rep
 
 
@@ -300,11 +383,6 @@ def compile_decode_step(config, topo: topology_lib.Topology, *, batch: int, cach
   """Compiles one decode iteration for `topo`; reports per-chip memory and the HBM-bandwidth-bound step
   time: (decoder weights the step multiplies + KV cache) bytes per chip / HBM bandwidth. Embedding rows
   are gathered (8 per token) and the audio tower is unused, so neither counts."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax import sharding  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.generate import engine  # pylint: disable=g-import-not-at-top
-  from bagpiper_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
   devices = topology_lib.devices(topo)
   mesh = Mesh(np.asarray(devices).reshape(1, 1, len(devices), 1), sharding.MESH_AXES)
   gen = engine.Generator(ModelConfig.from_dict(config.model), None, mesh=mesh, max_cache_len=cache_len)
@@ -335,6 +413,7 @@ def format_decode_report(r: dict) -> str:
 
 def main(argv):
   F = flags.FLAGS
+  backends.skip_tpu_probe_without_tpu()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if F.config is None or not F.topology:
@@ -349,10 +428,22 @@ def main(argv):
       with open(F.report_json, "w") as f:
         json.dump(reps, f, indent=1, default=str)
     sys.exit(0 if all(r["memory"]["fits"] for r in reps) else NOT_FIT_EXIT)
+  if F.flops_only:
+    f = count_flops(F.config, F.topology, F.num_slices, assumed_mfu=F.assumed_mfu)
+    print(f"FLOPs per chip per step: model {f['model_flops_per_chip']:.4g}, executed {f['executed_flops_per_chip']:.4g} "
+          f"({f['executed_over_model']:.3f}x model, {f['executed_flops_per_token'] / 1e9:.2f} GFLOP per token)", flush=True)
+    if F.report_json:
+      with open(F.report_json, "w") as fh:
+        json.dump({"flops": f}, fh, indent=1, default=str)
+    return
   rep = run(F.config, F.topology, F.num_slices, assumed_mfu=F.assumed_mfu,
             step_time=F.step_time, config_name=config_flags.get_config_filename(flags.FLAGS["config"]),
-            dump_hlo=F.dump_hlo)
+            dump_hlo=F.dump_hlo, save_compiled_to=F.save_compiled)
   print(format_report(rep), flush=True)
+  if "saved_compiled" in rep:
+    print(f"  compiled train step written to {rep['saved_compiled']['path']} "
+          f"({rep['saved_compiled']['bytes'] / 2**20:.1f} MiB): run with "
+          f"--config.compiled_train_step={rep['saved_compiled']['path']}", flush=True)
   if F.report_json:
     with open(F.report_json, "w") as f:
       json.dump(rep, f, indent=1, default=str)

@@ -18,9 +18,10 @@ import runpy
 import sys
 import traceback
 
+import jax
+
 
 def initialize_from_env() -> None:
-  import jax  # pylint: disable=g-import-not-at-top
   impl = os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION")
   if impl:
     jax.config.update("jax_cpu_collectives_implementation", impl)

@@ -17,6 +17,10 @@ one, else its body times the number of grid cells; kernels that skip fully maske
 time (causal splash) are therefore counted dense, an upper bound for their share. A `shard_map`
 body holds one shard's shapes along its manual axes, so it counts once per shard: the totals are
 global (all devices together).
+
+Dead code is removed first (`live_jaxpr`): a traced backward pass can hold equations whose results
+nothing uses (e.g. the rematerialised forward of a kernel whose outputs the remat policy saved),
+which XLA deletes and which therefore never run.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import dataclasses
 import math
 from typing import Any
 
+from jax._src.interpreters import partial_eval as pe  # dead-code elimination: no public API (jax 0.10.2)
 from jax.extend import core as jex_core
 
 
@@ -134,7 +139,33 @@ def count_jaxpr(jaxpr) -> FlopCount:
   return total
 
 
+def count_eqns(jaxpr) -> int:
+  """Equations of a (closed) jaxpr and all its sub-jaxprs, each counted once (a loop body once):
+  the size of the program handed to XLA, for compile-time comparisons."""
+  if isinstance(jaxpr, jex_core.ClosedJaxpr):
+    jaxpr = jaxpr.jaxpr
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += 1
+    for v in eqn.params.values():
+      for sub in _sub_jaxprs(v):
+        n += count_eqns(sub)
+  return n
+
+
+def live_jaxpr(closed) -> jex_core.Jaxpr:
+  """The jaxpr without the equations none of its outputs depends on (what XLA keeps).
+
+  jax 0.10.2 has no public dead-code elimination; this is the one call to its internal
+  `partial_eval.dce_jaxpr` (which recurses into pjit, scan, cond, remat and custom_vjp bodies).
+  tests/test_aot_compile.py::test_flop_count_skips_dead_code fails if it moves or changes.
+  """
+  jaxpr = closed.jaxpr if isinstance(closed, jex_core.ClosedJaxpr) else closed
+  live, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+  return live
+
+
 def count_traced(traced) -> FlopCount:
-  """FLOPs of a `jax.jit(f).trace(*args)` result (global, all devices together)."""
-  return count_jaxpr(traced.jaxpr)
+  """FLOPs of a `jax.jit(f).trace(*args)` result (global, all devices together), dead code removed."""
+  return count_jaxpr(live_jaxpr(traced.jaxpr))
 

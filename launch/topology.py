@@ -10,6 +10,7 @@ Accepted spellings:
   v5p-128, v6e-256, v5e-16, v4-32       user-facing names; power-of-two sizes, the grid derived the way
                                         Cloud TPU lays out its default slices (v5litepod-16 = v5e-16)
   v5p:4x4x12, v6e:8x16                  any explicit chip grid (non-default or non-power-of-two shapes)
+  cpu                                   this host's CPU devices (tests: compile, save and load a step)
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import dataclasses
 import math
 import os
 import re
+
+import jax
+from jax.experimental import topologies
 
 GIB = 1024 ** 3
 ALIASES = {"v5litepod": "v5e"}  # gcloud / xpk spell v5e slices v5litepod-N
@@ -41,6 +45,8 @@ CHIPS = {
     "v5e": Chip("v5e", "v5e", "TPU v5 lite", 16 * GIB, 197e12, 1, 2, "default"),
     "v6e": Chip("v6e", "v6e", "TPU v6 lite", 32 * GIB, 918e12, 1, 2, "default"),
 }
+# This host's CPU devices (not a TPU: no libtpu); "HBM" is the host's memory, the peak a nominal 1 TFLOP/s.
+CPU = Chip("cpu", "", "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), 1e12, 1, 1, "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +66,8 @@ class Topology:
 
   @property
   def libtpu_topology(self) -> str:
+    if self.chip is CPU:
+      return f"cpu:{self.grid[0]}"
     return f"{self.chip.libtpu_name}:{'x'.join(map(str, self.grid))}"
 
   @property
@@ -103,6 +111,10 @@ def parse(name: str, num_slices: int = 1) -> Topology:
   """'v5p-128' or 'v5p:4x4x12' (+ number of slices) -> Topology. Raises ValueError naming the problem."""
   if num_slices < 1:
     raise ValueError(f"--num_slices must be >= 1, got {num_slices}")
+  if name == "cpu":
+    if num_slices != 1:
+      raise ValueError("--topology=cpu has one slice")
+    return Topology(name, CPU, (len(jax.devices("cpu")),))
   known = ", ".join(sorted(CHIPS))
   m = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name)
   if m:
@@ -147,16 +159,18 @@ def set_compile_only_env(topo: Topology) -> None:
 
 
 def devices(topo: Topology):
-  """Compile-only TPU devices of the whole topology (all slices); needs the `libtpu` package."""
+  """Compile-only TPU devices of the whole topology (all slices); needs the `libtpu` package.
+  For `cpu`: this host's CPU devices (real ones: what is compiled for them can also run)."""
+  if topo.chip is CPU:
+    return jax.devices("cpu")
   set_compile_only_env(topo)
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
     desc = topologies.get_topology_desc(
         topology_name=topo.libtpu_topology, platform="tpu", chip_config_name=topo.chip.chip_config,
         chips_per_host_bounds=topo.chips_per_host_bounds, num_slices=topo.num_slices)
   except Exception as e:  # pylint: disable=broad-except
     hint = ""
-    try:
+    try:  # only to name the cause; importing libtpu early would load it before the env above is set
       import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     except ImportError:
       hint = " (the `libtpu` package is not installed: pip install libtpu, or `pip install -e .[tpu_aot]`)"

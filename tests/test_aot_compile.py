@@ -70,6 +70,20 @@ def test_flop_count_counts_scan_trip_and_remat():
   assert flop_count.count_traced(traced).flops == length * 4 * 2 * n ** 3
 
 
+def test_flop_count_skips_dead_code():
+  """An unused matmul (what a remat policy that saved its result leaves in the backward jaxpr) is not
+  counted: XLA deletes it. Also guards the one private jax call (partial_eval.dce_jaxpr)."""
+  n = 16
+
+  def f(x):
+    _ = x @ x  # dead
+    return jnp.sum(x @ x.T)
+
+  traced = jax.jit(f).trace(jax.ShapeDtypeStruct((n, n), jnp.float32))
+  assert flop_count.count_jaxpr(traced.jaxpr).flops == 2 * 2 * n ** 3  # the raw jaxpr holds both
+  assert flop_count.count_traced(traced).flops == 2 * n ** 3
+
+
 def test_flop_count_shard_map_counts_every_shard():
   from jax.sharding import Mesh, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top

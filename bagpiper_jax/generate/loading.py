@@ -55,7 +55,8 @@ def config_mismatch(have: ModelConfig, want: ModelConfig) -> list[str]:
       out += [f"audio_encoder.{j}: checkpoint {a[k][j]!r} vs --config {b[k][j]!r}" for j in sorted(a[k])
               if a[k][j] != b[k][j]]
     elif a[k] != b[k] and k not in ("dtype", "param_dtype", "remat_policy", "attention_impl",
-                                    "attention_q_chunk", "loss_chunk_size", "scan_layers"):
+                                    "attention_q_chunk", "loss_chunk_size", "remat_save", "remat_offload",
+                                    "attention_fused_bwd"):
       out.append(f"{k}: checkpoint {a[k]!r} vs --config {b[k]!r}")
   return out
 

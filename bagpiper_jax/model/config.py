@@ -89,8 +89,14 @@ class ModelConfig:
   # Numerics and memory.
   dtype: str = "bfloat16"  # compute dtype
   param_dtype: str = "float32"
-  remat_policy: str = "nothing_saveable"  # none | nothing_saveable | dots | dots_no_batch | full
-  attention_impl: str = "xla"  # xla | splash (TPU Pallas kernel) | splash_interpret (CPU tests)
+  # What the backward pass keeps (layers.py): none | full | nothing_saveable | dots | dots_no_batch, or a
+  # MaxText-style named policy (minimal | minimal_with_context | save_qkv_proj | ... | custom).
+  remat_policy: str = "nothing_saveable"
+  remat_save: str = ""  # comma-separated checkpoint names saved on top of a named policy
+  remat_offload: str = ""  # comma-separated checkpoint names moved to host memory (named policies)
+  # xla | splash (TPU Pallas) | cudnn (NVIDIA) | pallas_gpu (Triton) | *_interpret (CPU tests); layers.py
+  attention_impl: str = "xla"
+  attention_fused_bwd: bool = False  # splash: one fused dq/dk/dv backward kernel
   attention_q_chunk: int = 1024  # query rows per attention block (0: one block, O(L^2) memory)
   loss_chunk_size: int = 1024  # sequence positions per loss chunk (never all logits at once)
   z_loss_weight: float = 0.0

@@ -2,6 +2,22 @@
 
 Parameters carry logical axis names; activations are annotated with `nn.with_logical_constraint`.
 The mapping of names onto a mesh lives in `bagpiper_jax/sharding.py`, never here.
+
+Rematerialisation. The decoder layer tags its matmul outputs with `jax.ad_checkpoint.checkpoint_name`,
+spelled as MaxText does so its remat recipes carry over: `decoder_layer_input`, `query_proj`,
+`key_proj`, `value_proj`, `context` (attention output; for splash the kernel's own residuals),
+`out_proj`, `mlpwi_0` (gate), `mlpwi_1` (up), `mlpwo` (down). `model.remat_policy` picks what the
+backward pass keeps (`REMAT_POLICIES`, `NAMED_POLICIES`), `model.remat_save` adds names and
+`model.remat_offload` moves named values to host memory (`pinned_host`) instead of keeping them in
+HBM or recomputing them (`remat_policy`).
+
+Attention kernels (`model.attention_impl`), all with the same packed-row contract as `attend`
+(per-document causal masking from segment ids; parity-tested against it):
+  xla                 plain XLA, query blocks of `attention_q_chunk` rows (any backend)
+  splash              TPU Pallas splash kernel (`splash_interpret`: the same in the interpreter)
+  cudnn               cuDNN flash attention through `jax.nn.dot_product_attention` (NVIDIA GPU)
+  pallas_gpu          Pallas GPU (Triton) flash attention with segment ids (`pallas_gpu_interpret`:
+                      the same kernel in the Pallas interpreter, CPU tests)
 """
 
 from __future__ import annotations
@@ -11,6 +27,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
+from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -153,13 +171,16 @@ def _dense_init(cfg: ModelConfig, axes):
   return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
 
 
-def splash_attend(q, k, v, segment_ids, *, interpret: bool = False, block: int = 512):
+def splash_attend(q, k, v, segment_ids, *, interpret: bool = False, block: int = 512,
+                  fused_bwd: bool = False, residual_name: str | None = None):
   """TPU flash attention (Pallas splash kernel) with per-document causal masking. Same contract as `attend`.
 
   GQA runs the kernel's MQA form once per KV head. Under a mesh (the training step's abstract mesh)
   the kernel runs per shard through shard_map, with batch and heads split as the logical rules say;
   the length axis is kept whole per shard. `interpret=True` runs the kernel in the Pallas interpreter
-  (CPU tests).
+  (CPU tests). `fused_bwd`: one backward kernel for dq, dk and dv (5 block matmuls instead of 7).
+  `residual_name`: checkpoint name of the kernel's residuals (output, logsumexp), so a remat policy
+  that saves it does not rerun the forward kernel in the backward pass.
   """
   b, l, h, d = q.shape
   blk = min(block, -(-l // 128) * 128)
@@ -169,15 +190,17 @@ def splash_attend(q, k, v, segment_ids, *, interpret: bool = False, block: int =
     q, k, v = widen(q), widen(k), widen(v)
     segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
   lp = l + pad
+  dq_blocks = {} if fused_bwd else dict(block_q_dq=blk, block_kv_dq=blk)
   sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
-                        block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+                        block_kv_dkv_compute=blk, use_fused_bwd_kernel=fused_bwd, **dq_blocks)
 
   def local(q, k, v, seg):
     bl, _, hl, _ = q.shape
     kvl = k.shape[2]
     g = hl // kvl
     mask = sm.MultiHeadMask([sm.CausalMask((lp, lp))] * g)
-    kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret,
+                                              residual_checkpoint_name=residual_name)
     qq = (q * (d ** -0.5)).transpose(0, 2, 1, 3).reshape(bl, kvl, g, lp, d)
     kk, vv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     per_head = lambda a, b_, c, s: kernel(a, b_, c, segment_ids=sk.SegmentIds(s, s))
@@ -193,6 +216,54 @@ def splash_attend(q, k, v, segment_ids, *, interpret: bool = False, block: int =
     kv_spec = spec("batch", None, "kv_heads", None)
     out = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec("batch", None)),
                         out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+  return out[:, :l]
+
+
+def segment_mask(segment_ids):
+  """[B, 1, L, L] bool: same document (segment id); causality is left to the kernel (is_causal)."""
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def dot_product_attend(q, k, v, segment_ids, *, implementation: str = "cudnn"):
+  """Packed-row attention through `jax.nn.dot_product_attention` (cuDNN flash attention on NVIDIA GPUs).
+
+  jax 0.10's public API has no segment ids (only right-padding lengths: `query_seq_lengths`,
+  `key_value_seq_lengths`), so documents are separated by a boolean mask [B, 1, L, L] (same segment)
+  with `is_causal=True`; cuDNN takes it as an additive bias, broadcast over heads, and still skips the
+  blocks above the diagonal. GQA is native (K heads for H query heads). `implementation="xla"` runs
+  the same call through XLA (CPU parity tests of the mask semantics); "cudnn" needs bf16/fp16 inputs.
+  """
+  return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), is_causal=True,
+                                      implementation=implementation)
+
+
+# Pallas GPU kernel blocks: forward (block_q x block_k) and the two backward kernels. Head dim 128
+# on an H100 with bf16; see launch/gpu_bench.sh for the measured effect.
+PALLAS_GPU_BLOCKS = gpu_attention.BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_kv_dkv=64,
+                                             block_q_dq=64, block_kv_dq=64)
+
+
+def pallas_gpu_attend(q, k, v, segment_ids, *, interpret: bool = False,
+                      blocks: gpu_attention.BlockSizes = PALLAS_GPU_BLOCKS):
+  """Flash attention as a Pallas GPU (Triton) kernel with segment ids. Same contract as `attend`.
+
+  The kernel is multi-head only, so K/V heads are repeated for the query groups (GQA). Lengths are
+  padded to the block size with segment id -1 (padding rows see only each other and are dropped).
+  `interpret=True` runs the kernel in the Pallas interpreter (CPU tests).
+  """
+  b, l, h, d = q.shape
+  g = h // k.shape[2]
+  blk = max(blocks.block_q, blocks.block_k, blocks.block_q_dkv, blocks.block_kv_dkv, blocks.block_q_dq,
+            blocks.block_kv_dq)
+  pad = (-l) % blk
+  if pad:
+    widen = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    q, k, v = widen(q), widen(k), widen(v)
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+  if g > 1:
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+  out = gpu_attention.mha(q, k, v, segment_ids.astype(jnp.int32), sm_scale=d ** -0.5, causal=True,
+                          block_sizes=blocks, interpret=interpret)
   return out[:, :l]
 
 
@@ -213,6 +284,7 @@ class Attention(nn.Module):
              name="k_proj")(x)
     v = proj((cfg.num_kv_heads, cfg.head_dim), _dense_init(cfg, ("embed", "kv_heads", "head_dim")),
              name="v_proj")(x)
+    q, k, v = checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
     q = RMSNorm(cfg.rms_norm_eps, dt, pdt, axis_name="head_dim", name="q_norm")(q)
     k = RMSNorm(cfg.rms_norm_eps, dt, pdt, axis_name="head_dim", name="k_norm")(k)
     q = rope(q, positions, cfg.rope_theta)
@@ -220,19 +292,31 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
     k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+    impl = cfg.attention_impl
     if cache is not None:
       out = attend_cached(q, k, v, segment_ids, *cache).astype(dt)
-    elif cfg.attention_impl == "xla":
-      out = attend(q, k, v, segment_ids, cfg.attention_q_chunk).astype(dt)
-    elif cfg.attention_impl in ("splash", "splash_interpret"):
-      out = splash_attend(q, k, v, segment_ids, interpret=cfg.attention_impl == "splash_interpret").astype(dt)
+    elif impl in ("splash", "splash_interpret"):
+      # The kernel tags its own residuals "context": saving them spares the forward kernel's rerun.
+      out = splash_attend(q, k, v, segment_ids, interpret=impl == "splash_interpret",
+                          fused_bwd=cfg.attention_fused_bwd, residual_name="context").astype(dt)
     else:
-      raise ValueError(f"unknown model.attention_impl {cfg.attention_impl!r}; "
-                       "expected 'xla', 'splash' or 'splash_interpret'")
+      if impl == "xla":
+        out = attend(q, k, v, segment_ids, cfg.attention_q_chunk)
+      elif impl == "cudnn":
+        out = dot_product_attend(q, k, v, segment_ids)
+      elif impl in ("pallas_gpu", "pallas_gpu_interpret"):
+        out = pallas_gpu_attend(q, k, v, segment_ids, interpret=impl == "pallas_gpu_interpret")
+      else:
+        raise ValueError(f"unknown model.attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
+      out = checkpoint_name(out.astype(dt), "context")
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     out = proj((cfg.hidden_size,), _dense_init(cfg, ("heads", "head_dim", "embed")), in_axes=2,
                name="o_proj")(out)
+    out = checkpoint_name(out, "out_proj")
     return (out, (k, v)) if self.decode else out
+
+
+ATTENTION_IMPLS = ("xla", "splash", "splash_interpret", "cudnn", "pallas_gpu", "pallas_gpu_interpret")
 
 
 class MLP(nn.Module):
@@ -245,8 +329,10 @@ class MLP(nn.Module):
     dense = functools.partial(nn.Dense, use_bias=False, dtype=dt, param_dtype=pdt)
     gate = dense(cfg.intermediate_size, kernel_init=_dense_init(cfg, ("embed", "mlp")), name="gate_proj")(x)
     up = dense(cfg.intermediate_size, kernel_init=_dense_init(cfg, ("embed", "mlp")), name="up_proj")(x)
+    gate, up = checkpoint_name(gate, "mlpwi_0"), checkpoint_name(up, "mlpwi_1")
     h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-    return dense(cfg.hidden_size, kernel_init=_dense_init(cfg, ("mlp", "embed")), name="down_proj")(h)
+    out = dense(cfg.hidden_size, kernel_init=_dense_init(cfg, ("mlp", "embed")), name="down_proj")(h)
+    return checkpoint_name(out, "mlpwo")
 
 
 class DecoderLayer(nn.Module):
@@ -264,6 +350,7 @@ class DecoderLayer(nn.Module):
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = checkpoint_name(x, "decoder_layer_input")
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
     attn = Attention(cfg, self.decode, name="self_attn")
     kv = None
@@ -277,19 +364,63 @@ class DecoderLayer(nn.Module):
     return x, kv
 
 
+# Policies by what they are: jax's built-in ones (on primitives) ...
 REMAT_POLICIES = {
-    "none": None,
+    "none": None,  # no jax.checkpoint at all: the backward pass keeps every intermediate
     "full": jax.checkpoint_policies.nothing_saveable,
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+# ... and MaxText's, on the names the layer tags (see the module docstring). "minimal" keeps every
+# projection output and recomputes only norms, RoPE, activations and attention; "minimal_with_context"
+# keeps the attention output too (for splash: its residuals, so its forward kernel never reruns).
+_QKV = ("query_proj", "key_proj", "value_proj")
+_MLP = ("mlpwi_0", "mlpwi_1", "mlpwo")
+NAMED_POLICIES = {
+    "minimal": _QKV + ("out_proj",) + _MLP,
+    "minimal_with_context": _QKV + ("context", "out_proj") + _MLP,
+    "save_qkv_proj": _QKV,
+    "save_out_proj": ("out_proj",),
+    "save_dot_except_mlp": _QKV + ("out_proj",),
+    "save_dot_except_mlpwi": _QKV + ("out_proj", "mlpwo"),
+    "save_dot_with_context_except_mlp": _QKV + ("context", "out_proj"),
+    "custom": (),  # exactly model.remat_save (+ model.remat_offload)
+}
+CHECKPOINT_NAMES = ("decoder_layer_input",) + _QKV + ("context", "out_proj") + _MLP
 
 
-def remat_policy(name: str):
-  if name not in REMAT_POLICIES:
-    raise ValueError(f"unknown model.remat_policy {name!r}; expected one of {sorted(REMAT_POLICIES)}")
-  return REMAT_POLICIES[name]
+def _names(csv: str, what: str) -> tuple[str, ...]:
+  names = tuple(n.strip() for n in csv.split(",") if n.strip())
+  unknown = set(names) - set(CHECKPOINT_NAMES)
+  if unknown:
+    raise ValueError(f"model.{what}: unknown checkpoint names {sorted(unknown)}; the layer tags "
+                     f"{list(CHECKPOINT_NAMES)}")
+  return names
+
+
+def remat_policy(name: str, save: str = "", offload: str = ""):
+  """The jax.checkpoint policy of `name` (a REMAT_POLICIES or NAMED_POLICIES key).
+
+  `save` (comma-separated checkpoint names) adds names to a named policy; `offload` names values to
+  move to host memory (`pinned_host`) in the forward pass and back for the backward pass, instead of
+  keeping them in HBM (save) or recomputing them.
+  """
+  known = sorted(REMAT_POLICIES) + sorted(NAMED_POLICIES)
+  if name not in REMAT_POLICIES and name not in NAMED_POLICIES:
+    raise ValueError(f"unknown model.remat_policy {name!r}; expected one of {known}")
+  save_names, offload_names = _names(save, "remat_save"), _names(offload, "remat_offload")
+  if name in REMAT_POLICIES:
+    if save_names or offload_names:
+      raise ValueError(f"model.remat_save / model.remat_offload need a named remat_policy "
+                       f"({sorted(NAMED_POLICIES)}), not {name!r}")
+    return REMAT_POLICIES[name]
+  saved = tuple(n for n in dict.fromkeys(NAMED_POLICIES[name] + save_names) if n not in offload_names)
+  if not offload_names:
+    return jax.checkpoint_policies.save_only_these_names(*saved)
+  return jax.checkpoint_policies.save_and_offload_only_these_names(
+      names_which_can_be_saved=saved, names_which_can_be_offloaded=offload_names,
+      offload_src="device", offload_dst="pinned_host")
 
 
 def scanned_decoder_layers(cfg: ModelConfig, decode: bool = False):
@@ -305,8 +436,9 @@ def scanned_decoder_layers(cfg: ModelConfig, decode: bool = False):
                    in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})
   layer = DecoderLayer
+  policy = remat_policy(cfg.remat_policy, cfg.remat_save, cfg.remat_offload)
   if cfg.remat_policy != "none":
-    layer = nn.remat(layer, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
+    layer = nn.remat(layer, policy=policy, prevent_cse=False)
   return nn.scan(
       layer,
       variable_axes={"params": 0},

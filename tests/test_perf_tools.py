@@ -1,0 +1,260 @@
+"""Start-up and performance tooling: persistent compilation cache, saved executables, profiling,
+the AOT sweep's choice, remat policies and the GPU attention kernels (against the XLA path, on CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import io
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.ad_checkpoint import print_saved_residuals
+
+from bagpiper_jax import bench, profiling, sharding, trainer
+from bagpiper_jax.model import Bagpiper, ModelConfig, layers
+from bagpiper_jax.synthetic import SyntheticIterator
+from conftest import tiny_model_config
+from configs import bagpiper_8b
+from configs.tiny import for_tests as tiny_train_config
+from launch import aot_compile, sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(wd: str, steps: int, *extra: str) -> str:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  args = [sys.executable, "-m", "bagpiper_jax.train", "--config=configs/tiny.py", f"--workdir={wd}",
+          "--config.data.demo=False", "--config.data.synthetic=True", "--config.data.seq_len=128",
+          "--config.data.max_audio_windows=1", "--config.data.per_device_batch=2",
+          "--config.checkpoint.async_save=False", "--config.eval_every_steps=0", "--config.log_every_steps=1",
+          "--config.checkpoint.every_steps=2", f"--config.train_steps={steps}", *extra]
+  p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  assert p.returncode == 0, p.stderr[-4000:]
+  return p.stdout
+
+
+def _compile_line(out: str) -> tuple[int, int, int]:
+  m = re.search(r"compilation: (\d+) programs, (\d+) loaded from the persistent cache .*, (\d+) compiled", out)
+  assert m, out[-2000:]
+  return tuple(int(x) for x in m.groups())
+
+
+def test_second_start_compiles_nothing_new_and_profile_is_written(tmp_path):
+  """Start 1 trains steps 1-2 (tracing step 2), start 2 resumes and trains 3-4: every program it
+  needs comes from <workdir>/compilation_cache."""
+  wd = str(tmp_path / "run")
+  first = _train(wd, 2, "--config.profile_steps=2,2")
+  requests, hits, compiled = _compile_line(first)
+  assert hits == 0 and compiled == requests > 0
+  assert glob.glob(os.path.join(wd, "profile", "plugins", "profile", "*", "*.xplane.pb")), first
+  assert "profile of steps 2..2 written" in first
+  second = _train(wd, 4)
+  assert "resumed from step 2" in second
+  requests, hits, compiled = _compile_line(second)
+  assert requests > 0 and compiled == 0, second[-2000:]
+
+
+def test_profile_steps_flag():
+  assert profiling.parse_steps("") is None
+  assert profiling.parse_steps("10,12") == (10, 12)
+  for bad in ("10", "3,2", "0,1", "a,b"):
+    with pytest.raises(ValueError, match="profile_steps"):
+      profiling.parse_steps(bad)
+
+
+def test_saved_executable_runs_like_the_jitted_step(tmp_path):
+  """aot_compile --save_compiled for this host's CPU devices, loaded by trainer.Setup through
+  config.compiled_train_step: same state and loss as the jitted step, and a wrong shape is refused."""
+  c = tiny_train_config(seq_len=64, rows_per_device=1)
+  path = str(tmp_path / "step.pkl")
+  rep = aot_compile.run(c, "cpu", config_name="tiny", save_compiled_to=path)
+  assert rep["saved_compiled"]["bytes"] > 0 and rep["fits"]
+  mesh = sharding.make_mesh(c)
+  plain = trainer.Setup(c, mesh)
+  c2 = tiny_train_config(seq_len=64, rows_per_device=1)
+  c2.compiled_train_step = path
+  loaded = trainer.Setup(c2, mesh)
+  assert isinstance(loaded.train_step, jax.stages.Compiled)
+  batch = plain.host_to_device([_synthetic(plain, c)])
+  s1, m1 = plain.train_step(plain.layout.fresh_state(), batch)
+  s2, m2 = loaded.train_step(loaded.layout.fresh_state(), batch)
+  np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  c3 = tiny_train_config(seq_len=128, rows_per_device=1)
+  c3.compiled_train_step = path
+  with pytest.raises(trainer.CompiledStepError, match="other shapes"):
+    _ = trainer.Setup(c3, mesh).train_step
+
+
+def _synthetic(setup, c):
+  return next(SyntheticIterator(setup.cfg, rows=setup.host_rows, seq_len=int(c.data.seq_len),
+                                audio_windows=int(c.data.max_audio_windows)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep's grid and choice (no compilation).
+
+
+def test_sweep_remat_specs_and_grid():
+  assert sweep.parse_remat("minimal_with_context+offload=decoder_layer_input,query_proj") == {
+      "model.remat_policy": "minimal_with_context", "model.remat_save": "",
+      "model.remat_offload": "decoder_layer_input,query_proj"}
+  with pytest.raises(ValueError, match="POLICY"):
+    sweep.parse_remat("minimal+keep=x")
+  pts = sweep.grid(["full", "minimal"], ["1", "2"], [], [], ["false", "true"], ["default", "overlap"])
+  assert len(pts) == 2 * 2 * 2 * 2
+  assert len({sweep.point_key("c", "t", p) for p in pts}) == len(pts)
+  with pytest.raises(ValueError, match="--xla"):
+    sweep.grid([], [], [], [], [], ["nope"])
+
+
+def test_sweep_choice_is_least_flops_within_budget_then_more_rows():
+  row = lambda rows, gib, ept: {"remat": "r", "save": "", "offload": "", "rows": rows, "loss_chunk": 1024,
+                                "fused_bwd": False, "xla": "default", "status": "ok", "device_gib": gib,
+                                "hbm_gib": 95.0, "host_gib": 0.0, "used": gib / 95, "fits": gib <= 0.85 * 95,
+                                "exec_over_model": ept / 10, "exec_per_token": ept}
+  rows = [row(1, 9.0, 16.0), row(2, 60.0, 13.0), row(4, 110.0, 12.0), row(1, 40.0, 13.02)]
+  best = sweep.choose(rows)
+  assert best["rows"] == 2 and best["device_gib"] == 60.0  # 4 rows do not fit; 13.02 ties 13.0, fewer rows
+  assert "choice: remat r" in sweep.format_table(rows, 0.85)
+  assert sweep.choose([row(4, 110.0, 12.0)]) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Remat policies and attention kernels against the plain paths.
+
+
+def _grads(cfg, batch, params):
+  return jax.grad(lambda p: Bagpiper(cfg).apply({"params": p}, batch)[0])(params)
+
+
+def _batch(cfg, l=24):
+  rng = np.random.default_rng(0)
+  ids = np.zeros((1, l, 8), np.int32)
+  ids[..., 0] = rng.integers(cfg.num_specials, cfg.codec_start, size=(1, l))
+  w = np.zeros((1, l, 8), np.float32)
+  w[..., 0] = 1.0
+  seg = np.array([[1] * 10 + [2] * (l - 12) + [0] * 2], np.int32)
+  pos = np.array([list(range(10)) + list(range(l - 12)) + [0, 0]], np.int32)
+  return {"input_ids": ids, "loss_weights": w, "segment_ids": seg, "positions": pos}
+
+
+def test_named_remat_policies_and_offload_give_the_same_gradients():
+  cfg = tiny_model_config(remat_policy="none")
+  batch = _batch(cfg)
+  params = nn.meta.unbox(Bagpiper(cfg).init(jax.random.PRNGKey(0), batch)["params"])
+  ref = _grads(cfg, batch, params)
+  for policy, offload in [("minimal", ""), ("minimal_with_context", ""), ("save_qkv_proj", ""),
+                          ("custom", "decoder_layer_input,query_proj,key_proj,value_proj,out_proj")]:
+    got = _grads(dataclasses.replace(cfg, remat_policy=policy, remat_offload=offload), batch, params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=f"{policy} {offload}")
+
+
+def test_remat_policy_errors_name_the_key():
+  with pytest.raises(ValueError, match="remat_policy"):
+    layers.remat_policy("minimum")
+  with pytest.raises(ValueError, match="remat_offload: unknown checkpoint names"):
+    layers.remat_policy("minimal", offload="mlp_out")
+  with pytest.raises(ValueError, match="named remat_policy"):
+    layers.remat_policy("full", offload="query_proj")
+
+
+def test_minimal_policy_saves_the_named_projections():
+  """What the policy keeps for the backward pass: the named matmul outputs, not the norms/activations
+  (jax.ad_checkpoint.print_saved_residuals on one layer)."""
+  cfg = tiny_model_config(remat_policy="minimal_with_context")
+  layer = layers.DecoderLayer(cfg)
+  x = jnp.ones((1, 8, cfg.hidden_size))
+  pos, seg = jnp.arange(8)[None], jnp.ones((1, 8), jnp.int32)
+  p = layer.init(jax.random.PRNGKey(0), x, pos, seg)
+  f = jax.checkpoint(lambda p, x: layer.apply(p, x, pos, seg)[0].sum(),
+                     policy=layers.remat_policy("minimal_with_context"))
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    print_saved_residuals(f, p, x)
+  saved = buf.getvalue()
+  for name in ("query_proj", "key_proj", "value_proj", "context", "out_proj", "mlpwi_0", "mlpwi_1"):
+    assert f"named '{name}'" in saved, saved
+
+
+def _qkv(l=200, h=4, k=2, d=16, seed=5):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.normal(size=(1, l, n, d)), jnp.float32) for n in (h, k, k))
+
+
+def test_pallas_gpu_kernel_equals_xla_attention():
+  """The Pallas GPU (Triton) flash kernel in the interpreter, values and gradients, with two documents,
+  padding rows and a length that is not a block multiple (GQA: 4 query heads on 2 KV heads)."""
+  q, k, v = _qkv()
+  seg = jnp.asarray([[1] * 90 + [2] * 100 + [0] * 10], jnp.int32)
+  blocks = layers.gpu_attention.BlockSizes(block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=32,
+                                           block_q_dq=32, block_kv_dq=32)
+  f_ref = lambda q, k, v: layers.attend(q, k, v, seg)
+  f_gpu = lambda q, k, v: layers.pallas_gpu_attend(q, k, v, seg, interpret=True, blocks=blocks)
+  np.testing.assert_allclose(f_gpu(q, k, v), f_ref(q, k, v), atol=2e-5)
+  loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2)
+  for a, b in zip(jax.grad(loss(f_gpu), (0, 1, 2))(q, k, v), jax.grad(loss(f_ref), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_dot_product_attention_path_equals_xla_attention():
+  """The cuDNN path's call (segment mask + is_causal through jax.nn.dot_product_attention), run with
+  implementation='xla' on CPU: the same masking semantics as `attend`, values and gradients."""
+  q, k, v = _qkv(l=50)
+  seg = jnp.asarray([[1] * 20 + [2] * 25 + [0] * 5], jnp.int32)
+  f_ref = lambda q, k, v: layers.attend(q, k, v, seg)
+  f_dpa = lambda q, k, v: layers.dot_product_attend(q, k, v, seg, implementation="xla")
+  np.testing.assert_allclose(f_dpa(q, k, v), f_ref(q, k, v), atol=1e-5)
+  loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2)
+  for a, b in zip(jax.grad(loss(f_dpa), (0, 1, 2))(q, k, v), jax.grad(loss(f_ref), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, atol=5e-5)
+
+
+def test_model_runs_with_the_pallas_gpu_interpret_path():
+  cfg = tiny_model_config()
+  batch = _batch(cfg, l=32)
+  params = nn.meta.unbox(Bagpiper(cfg).init(jax.random.PRNGKey(0), batch)["params"])
+  ref, _ = Bagpiper(cfg).apply({"params": params}, batch)
+  got, _ = Bagpiper(dataclasses.replace(cfg, attention_impl="pallas_gpu_interpret")).apply({"params": params}, batch)
+  np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+
+
+def test_bench_torch_peer_does_the_same_work():
+  """bagpiper_jax.bench's torch peer (transformers Qwen3Model + lm_head + stream_emb, 8-stream input
+  sum, per-stream softmax ranges, packed-document mask), given our initial weights and the same
+  packed micro-batches (2, accumulated), computes our first-step loss."""
+  config = bench.bench_config("tiny", rows=2, seq_len=96, accum=2)
+  cfg = ModelConfig.from_dict(config.model)
+  micro = [bench.packed_batch(cfg, 2, 96, seed=i) for i in range(2)]
+  b = micro[0]
+  assert (b["segment_ids"] > 0).all() and b["segment_ids"].max() >= 2  # full rows, several documents
+  assert (b["loss_weights"][..., 1:] > 0).any() and (b["input_ids"][..., 1:] >= cfg.codec_start).any()
+  j = bench.bench_jax(config, micro, steps=1)
+  t = bench.bench_torch(config, micro, j["params"], steps=1)
+  assert abs(j["first_loss"] - t["first_loss"]) < 1e-4 * j["first_loss"], (j["first_loss"], t["first_loss"])
+
+
+def test_8b_slice_presets():
+  plain = bagpiper_8b.get_config("pretrain")
+  assert plain.model.remat_policy == "nothing_saveable" and plain.data.per_device_batch == 1
+  for name, p in bagpiper_8b.TOPOLOGY_PRESETS.items():
+    c = bagpiper_8b.get_config(f"pretrain,{name}")
+    assert c.stage == "pretrain" and c.model.remat_policy == p["remat_policy"]
+    assert c.data.per_device_batch == p["per_device_batch"] and c.model.remat_offload == p["remat_offload"]
+    layers.remat_policy(c.model.remat_policy, c.model.remat_save, c.model.remat_offload)  # a valid policy
+  assert bagpiper_8b.get_config("warmup,v5p-128").stage == "warmup"
+  with pytest.raises(ValueError, match="no tuned settings"):
+    bagpiper_8b.get_config("pretrain,v4-8")
+  with pytest.raises(ValueError, match="sweep SFT"):
+    bagpiper_8b.get_config("sft,v5p-128")
