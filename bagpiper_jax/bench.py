@@ -81,6 +81,8 @@ _SEPARATE = flags.DEFINE_bool("separate_processes", False, "Run each side in its
                               "each framework gets the whole memory); the sides start from different "
                               "random weights, so no first-step loss comparison.")
 _RESULT_JSON = flags.DEFINE_string("result_json", "", "Write this process's measurements as JSON.")
+_PEAK = flags.DEFINE_float("peak_flops", 0.0, "FLOP/s to report against (0: this process's device); a "
+                           "--separate_processes parent passes its device's peak to the sides it starts.")
 _GENERATE = flags.DEFINE_bool("generate", False, "Benchmark decoding (bench_generate) instead of training.")
 _GEN_TOKENS = flags.DEFINE_integer("gen_tokens", 128, "--generate: new tokens per request.")
 _GEN_PROMPT = flags.DEFINE_integer("gen_prompt", 64, "--generate: prompt tokens per request.")
@@ -300,7 +302,7 @@ def _g(x: float) -> str:
   return f"{x / 1e12:8.3f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:8.2f} GFLOP/s"
 
 
-def _run_separately(argv_flags: list[str], env: dict) -> list[tuple[str, dict]]:
+def _run_separately(argv_flags: list[str], env: dict, peak: float) -> list[tuple[str, dict]]:
   """Each side in its own `python -m bagpiper_jax.bench` process; their JSON results. The torch process
   keeps JAX on the CPU, so only torch holds GPU memory there."""
   out = []
@@ -308,7 +310,7 @@ def _run_separately(argv_flags: list[str], env: dict) -> list[tuple[str, dict]]:
     with tempfile.TemporaryDirectory() as tmp:
       path = os.path.join(tmp, "r.json")
       cmd = [sys.executable, "-m", "bagpiper_jax.bench", *argv_flags, skip, "--noseparate_processes",
-             f"--result_json={path}"]
+             f"--result_json={path}", f"--peak_flops={peak}"]
       p = subprocess.run(cmd, check=False, env=dict(env, JAX_PLATFORMS="cpu") if side == "torch" else env)
       if p.returncode != 0 or not os.path.exists(path):
         print(f"{side} side failed (exit {p.returncode})", flush=True)
@@ -415,12 +417,16 @@ def main(argv):
   tokens = accum * rows * seq
   flops = metrics.train_flops_per_step(cfg, rows=accum * rows, seq_len=seq, audio_windows=0)
   dev = jax.devices()[0]
-  print(f"preset {_PRESET.value}: vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, "
-        f"layers {cfg.num_layers}, heads {cfg.num_heads}/{cfg.num_kv_heads}x{cfg.head_dim}, {cfg.dtype}, attention "
-        f"{cfg.attention_impl}, remat {cfg.remat_policy}; step {accum} x {rows} x {seq} = {tokens} packed tokens; "
-        f"model FLOPs/step {flops / 1e9:.1f} G; device {dev.device_kind} ({dev.platform}), {os.cpu_count()} cpus",
-        flush=True)
-  if dev.platform == "cpu":
+  child = _PEAK.value > 0  # one side of a --separate_processes run (its JAX may be on the CPU: the torch side)
+  if not child:
+    print(f"preset {_PRESET.value}: vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, "
+          f"layers {cfg.num_layers}, heads {cfg.num_heads}/{cfg.num_kv_heads}x{cfg.head_dim}, {cfg.dtype}, attention "
+          f"{cfg.attention_impl}, remat {cfg.remat_policy}; step {accum} x {rows} x {seq} = {tokens} packed tokens; "
+          f"model FLOPs/step {flops / 1e9:.1f} G; device {dev.device_kind} ({dev.platform}), {os.cpu_count()} cpus",
+          flush=True)
+  if child:
+    peak, peak_name = _PEAK.value, "of peak"
+  elif dev.platform == "cpu":
     peaks = matmul_peaks(_MATMUL_N.value)
     for k, v in peaks.items():
       print(f"matmul peak ({k}, {_MATMUL_N.value}^2 f32): {_g(v)}", flush=True)
@@ -431,7 +437,7 @@ def main(argv):
     peak_name = "MFU"
   if _SEPARATE.value:
     passed = [a for a in sys.argv[1:] if not a.startswith(("--separate_processes", "--result_json"))]
-    results = _run_separately(passed, child_env)
+    results = _run_separately(passed, child_env, peak)
   else:
     micro = [packed_batch(cfg, rows, seq, seed=i) for i in range(accum)]
     results, params = [], None

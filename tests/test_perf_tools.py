@@ -245,6 +245,23 @@ def test_bench_torch_peer_does_the_same_work():
   assert abs(j["first_loss"] - t["first_loss"]) < 1e-4 * j["first_loss"], (j["first_loss"], t["first_loss"])
 
 
+def test_bench_separate_processes_reports_both_sides_against_one_peak():
+  """--separate_processes (the GPU mode: each framework alone on the device) runs each side in its own
+  process and reports both against the parent's peak: the torch side's process keeps JAX on the CPU,
+  so it must not measure a peak of its own."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  p = subprocess.run([sys.executable, "-m", "bagpiper_jax.bench", "--preset=tiny", "--steps=2", "--rows=1",
+                      "--seq_len=64", "--separate_processes"], env=env, capture_output=True, text=True,
+                     timeout=600, cwd=REPO)
+  assert p.returncode == 0, p.stderr[-3000:]
+  out = p.stdout
+  assert out.count("preset tiny:") == 1 and out.count("matmul peak (jax") == 1, out
+  side_lines = [l for l in out.splitlines() if re.match(r"(bagpiper_jax train step|torch Qwen3Model)", l)]
+  assert len(side_lines) == 4, out  # each side's own line, then the parent's table
+  assert all(re.search(r"% of (matmul )?peak$", l) for l in side_lines), side_lines
+  assert re.search(r"RATIO jax / torch\s+: \d+\.\d+", out), out
+
+
 def test_8b_slice_presets():
   plain = bagpiper_8b.get_config("pretrain")
   assert plain.model.remat_policy == "nothing_saveable" and plain.data.per_device_batch == 1
