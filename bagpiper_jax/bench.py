@@ -40,6 +40,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -73,7 +74,8 @@ _ROWS = flags.DEFINE_integer("rows", 0, "Packed rows per step (0: the preset's).
 _SEQ = flags.DEFINE_integer("seq_len", 0, "Tokens per row (0: the preset's).")
 _ATTN = flags.DEFINE_string("attention", "", "model.attention_impl for the jax side ('': the preset's).")
 _LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 0, "model.loss_chunk_size (0: the preset's).")
-_MATMUL_N = flags.DEFINE_integer("matmul_n", 4096, "Size of the square f32 matmul for the CPU peak.")
+_MATMUL_N = flags.DEFINE_integer("matmul_n", 4096, "Size of the square matmul measured beside the step (f32 on "
+                                 "a CPU, bf16 on an accelerator).")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Only the jax side (and the peak).")
 _SKIP_JAX = flags.DEFINE_bool("skip_jax", False, "Only the torch side (and the peak).")
 _ACCUM = flags.DEFINE_integer("accum", 0, "Micro-batches per optimizer step (0: the preset's).")
@@ -298,6 +300,15 @@ def matmul_peaks(n: int) -> dict:
   return out
 
 
+def accelerator_matmul_rate(n: int = 8192, repeats: int = 10) -> float:
+  """Best achieved FLOP/s of one jitted n x n x n bf16 matmul (f32 accumulation) on the accelerator:
+  the physical limit the train step's matmuls run against, measured in the same run."""
+  a = jnp.ones((n, n), jnp.bfloat16)
+  f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+  best = min(_timed(lambda: f(a, a).block_until_ready(), repeats))
+  return 2.0 * n ** 3 / best
+
+
 def _g(x: float) -> str:
   return f"{x / 1e12:8.3f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:8.2f} GFLOP/s"
 
@@ -424,6 +435,7 @@ def main(argv):
           f"{cfg.attention_impl}, remat {cfg.remat_policy}; step {accum} x {rows} x {seq} = {tokens} packed tokens; "
           f"model FLOPs/step {flops / 1e9:.1f} G; device {dev.device_kind} ({dev.platform}), {os.cpu_count()} cpus",
           flush=True)
+  matmul_rate = 0.0
   if child:
     peak, peak_name = _PEAK.value, "of peak"
   elif dev.platform == "cpu":
@@ -435,6 +447,9 @@ def main(argv):
     peak, src = metrics.device_peak_flops(config, dev)
     print(f"peak {_g(peak)} ({src})", flush=True)
     peak_name = "MFU"
+    matmul_rate = accelerator_matmul_rate(_MATMUL_N.value)
+    print(f"matmul (jax, {_MATMUL_N.value}^3 bf16, measured): {_g(matmul_rate)} = {matmul_rate / peak:.3f} of peak",
+          flush=True)
   if _SEPARATE.value:
     passed = [a for a in sys.argv[1:] if not a.startswith(("--separate_processes", "--result_json"))]
     results = _run_separately(passed, child_env, peak)
@@ -472,6 +487,8 @@ def main(argv):
   if jax_rows:
     print(f"jax compile (first step): {dict(results)[jax_rows[0]]['compile_s']:.1f} s")
     print(f"RATIO jax / peak        : {rate[jax_rows[0]] / peak:.3f}" + ("  (MFU)" if dev.platform != "cpu" else ""))
+  if jax_rows and matmul_rate:
+    print(f"RATIO jax / measured bf16 matmul: {rate[jax_rows[0]] / matmul_rate:.3f}")
   if jax_rows and torch_rows:
     print(f"RATIO jax / torch       : {rate[jax_rows[0]] / rate[torch_rows[0]]:.3f}  (tokens/s, same batch and sizes)")
 
