@@ -56,7 +56,7 @@ def num_frames(num_samples: int) -> int:
 
 def trim_to_frames(wav: np.ndarray) -> np.ndarray:
   """The first floor(n / 320) * 320 samples: what the reference encodes."""
-  return wav[: num_frames(wav.shape[-1]) * HOP_LENGTH]
+  return wav[..., : num_frames(wav.shape[-1]) * HOP_LENGTH]
 
 
 class XCodec:
@@ -126,10 +126,17 @@ class XCodec:
     x = np.stack([np.asarray(w, dtype=np.float32) for w in wavs])
     if x.ndim != 2:
       raise CodecError(f"xcodec encode_batch expects equal-length mono 1-D waveforms, got {x.shape}")
-    xt = torch.from_numpy(x).to(self.device)[:, None, :]
+    frames = num_frames(x.shape[1])
+    if frames == 0:
+      raise CodecError(f"xcodec: {x.shape[1]} samples is shorter than one codec frame ({HOP_LENGTH})")
+    xt = torch.from_numpy(np.ascontiguousarray(trim_to_frames(x))).to(self.device)[:, None, :]
     with torch.inference_mode():
       codes = self.model.encode(xt, bandwidth=self._bandwidth, return_dict=False)  # [B, 8, T]
-    return [check_codes(c.T.cpu().numpy(), "xcodec output") for c in codes]
+    out = [check_codes(c.T.cpu().numpy(), "xcodec output") for c in codes]
+    if out[0].shape[0] != frames:
+      raise CodecError(f"xcodec gave {out[0].shape[0]} frames for {frames * HOP_LENGTH} samples; expected "
+                       f"{frames} ({HOP_LENGTH} samples per frame)")
+    return out
 
   def decode(self, codes: np.ndarray) -> np.ndarray:
     """int codes [T, 8] -> mono float32 waveform at 16 kHz."""

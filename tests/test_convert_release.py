@@ -330,7 +330,7 @@ def test_cli_names_the_step_and_bad_paths_in_one_line(tmp_path):
   state = types.SimpleNamespace(params=random_params(cfg, seed=4), step=np.int32(7), opt_state={},
                                 nonfinite={"count": np.int32(0)})
   ckptr = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"), conf, async_save=False)
-  assert ckptr.save(7, state, None, force=True)
+  assert ckptr.save(7, state, {}, {})  # no data-iterator state
   ckptr.close()
   # A workdir is enough: the latest finished step is found and named.
   r = _cli("bagpiper_jax.convert.release", "export", f"--ckpt={tmp_path / 'run'}", f"--out={tmp_path / 'rel'}",

@@ -93,7 +93,7 @@ def test_codec_spec_errors(tmp_path):
   assert codes_lib.load_codec("") is None
   with pytest.raises(ValueError, match="expected"):
     codes_lib.check_codec_spec("encodec:/x")
-  with pytest.raises(ValueError, match="local directory"):
+  with pytest.raises(ValueError, match="needs a directory .* holding an XcodecModel"):
     codes_lib.check_codec_spec(f"xcodec:{tmp_path}")
   with pytest.raises(ValueError, match="not a directory"):
     codes_lib.check_codec_spec(f"npy:{tmp_path / 'nope'}")

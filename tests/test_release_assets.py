@@ -169,9 +169,9 @@ def test_index_records_provenance_and_assets_resolve(data_dir):
   assert rec["messages"][0]["text_ids"][-1] == 0
   # The switch is part of every shard's fingerprint (a changed mapping rebuilds the shards).
   items, _ = manifest.read_manifests([str(d / "m.jsonl")])
-  fp = lambda flag: [t.fingerprint for t in writer.plan_shards(
-      items, str(d / "x"), dataclasses.replace(settings, text_id0_as_pad=flag), 1000)]
-  assert fp(True) != fp(False)
+  fp = lambda flag: writer.shard_fingerprint(
+      writer.base_fingerprint(dataclasses.replace(settings, text_id0_as_pad=flag), "tokenizer-sha"), items)
+  assert fp(True) != fp(False) and fp(True) == fp(True)
   run = {"data": {"train_sources": {"sound_und": {"path": str(d / "shards" / "sound_und" / "*.array_record"),
                                                   "weight": 1.0}},
                   "eval_sources": {"sound_gen": {"path": str(d / "shards" / "sound_gen"), "weight": 1.0}}}}

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from bagpiper_jax import paths, sharding, train_state
-from bagpiper_jax.convert import params_io, release, rules as rules_lib, safetensors_io
+from bagpiper_jax.convert import params_io, release, rules as rules_lib, safetensors_io, vllm_config
 from bagpiper_jax.generate.engine import GenerateError
 from bagpiper_jax.model.config import ModelConfig
 
@@ -110,7 +110,7 @@ def load(path: str, mesh: Mesh, *, expect: Optional[ModelConfig] = None) -> Load
 
 def _load_release(path: str, mesh: Mesh, expect: Optional[ModelConfig]) -> Loaded:
   with open(os.path.join(path, release.CONFIG_NAME)) as f:
-    cfg = release.model_config_from_release(json.load(f))
+    cfg = vllm_config.model_config_from_release(json.load(f))
   cfg = _check_expected(cfg, expect, path)
   source = safetensors_io.SafetensorsReader(path)
   tensor_rules = rules_lib.bagpiper_rules(cfg)
