@@ -39,7 +39,7 @@ from bagpiper_jax import sharding, trainer
 from bagpiper_jax.data import slots as slots_lib
 from bagpiper_jax.synthetic import SyntheticIterator
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.", lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
 _OUT = flags.DEFINE_string("out_dir", None, "Where result.json, the npz dumps and checkpoints/ go.")
 _STEPS = flags.DEFINE_integer("steps", 4, "Train until this step.")
 _SAVE_STEP = flags.DEFINE_integer("save_step", 0, "Checkpoint (and dump params) after this step (0: never).")

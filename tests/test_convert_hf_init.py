@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -111,9 +112,10 @@ def test_rows_and_new_params(saved):
   # Encoder params are the Omni tower's, through the audio tower rules.
   want = rules.from_torch_tensors(lambda k: tower.state_dict()[k].numpy(),
                                   audio_tower.audio_tower_rules(cfg.audio_encoder, flax_root=()))
-  import jax  # pylint: disable=g-import-not-at-top
-  for (kp, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(want)[0],
-                             jax.tree_util.tree_flatten_with_path(params["audio_encoder"])[0]):
+  got = jax.tree_util.tree_flatten_with_path(params["audio_encoder"])[0]
+  want = jax.tree_util.tree_flatten_with_path(want)[0]
+  assert [kp for kp, _ in want] == [kp for kp, _ in got]  # the same leaves, none missing or extra
+  for (kp, a), (_, b) in zip(want, got):
     np.testing.assert_array_equal(a, b, err_msg=str(kp))
 
 

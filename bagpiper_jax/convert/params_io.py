@@ -353,15 +353,3 @@ class ParamsReader:
     self._stores.clear()
     self._band = None
 
-
-def abstract_from_reader(reader: ParamsReader, sharding=None) -> dict:
-  """Nested dict of jax.ShapeDtypeStruct for every leaf (for a full restore)."""
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  out: dict = {}
-  for p, info in reader.infos().items():
-    node = out
-    for k in p[:-1]:
-      node = node.setdefault(k, {})
-    node[p[-1]] = jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding)
-  return out
-
