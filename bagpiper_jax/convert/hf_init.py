@@ -286,8 +286,7 @@ def hf_init(cfg: ModelConfig, qwen3_path: str, out_dir: str, *, audio_tower_path
 
 
 def _define_flags():
-  config_flags.DEFINE_config_file("config", None, "model config file, e.g. configs/bagpiper_8b.py",
-                                  lock_config=False)
+  config_flags.DEFINE_config_file("config", None, "model config file, e.g. configs/bagpiper_8b.py")
   flags.DEFINE_string("qwen3", None, "Qwen3 checkpoint: directory of *.safetensors (+ config.json)")
   flags.DEFINE_string("audio_tower", None, "Qwen3-Omni checkpoint (dir or .safetensors) holding "
                       "thinker.audio_tower.*, or a standalone Qwen3OmniMoeAudioEncoder save")

@@ -380,7 +380,7 @@ def _define_flags():
   flags.DEFINE_string("xcodec_hf_model_tag", None, "export: config.json xcodec_hf_model_tag (what the vLLM fork "
                       f"loads to decode audio; default {vllm_config.DEFAULT_XCODEC_TAG})")
   config_flags.DEFINE_config_file("config", None, "model config file (configs/*.py); export/import read "
-                                  "the stored one when omitted", lock_config=False)
+                                  "the stored one when omitted")
 
 
 def main(argv):
