@@ -219,7 +219,9 @@ def _jnp_reference_loss(logits, batch, cfg):
   lse_c = jax.nn.logsumexp(lg[:, :, 1:, cfg.codec_start:], axis=-1)
   lse = jnp.concatenate([lse0[..., None], lse_c], axis=-1)
   picked = jnp.take_along_axis(lg, tgt[..., None], axis=-1)[..., 0]
-  total = jnp.sum(wt * (lse - picked)) + cfg.z_loss_weight * jnp.sum(wt * lse * lse)
+  # ignore_index=0 on stream 0 (docs/model.md#loss): no term for a <|pad|> target, still counted below.
+  w_term = wt.at[..., 0].set(jnp.where(tgt[..., 0] == 0, 0.0, wt[..., 0]))
+  total = jnp.sum(w_term * (lse - picked)) + cfg.z_loss_weight * jnp.sum(w_term * lse * lse)
   return total / jnp.maximum(jnp.sum((wt[..., 0] > 0).astype(jnp.float32)), 1.0)
 
 
@@ -228,6 +230,13 @@ def test_fused_loss_gradients_equal_autodiff_of_full_logits():
   Chunks of 7 positions (the last one padded) and a z-loss weight, so every term is exercised."""
   cfg = dataclasses.replace(tiny_model_config(), loss_chunk_size=7, z_loss_weight=1e-2)
   batch = _mixed_batch(cfg)
+  # Document 2's first text token becomes <|pad|> (a raw `!` under the reference's mapping): a weighted
+  # stream-0 target that must add no gradient.
+  ids = batch["input_ids"]
+  first_text = int(np.flatnonzero(ids[0, :, 0] == 300)[0])
+  assert batch["loss_weights"][0, first_text, 0] == 1.0
+  batch = dict(batch, input_ids=ids.copy())
+  batch["input_ids"][0, first_text, 0] = 0
   params = _randomize(_init(cfg, batch), std=0.1)
   model = Bagpiper(cfg)
   loss, grads = jax.value_and_grad(lambda p: model.apply({"params": p}, batch)[0])(params)
