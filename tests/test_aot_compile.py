@@ -71,8 +71,7 @@ def test_flop_count_counts_scan_trip_and_remat():
 
 
 def test_flop_count_skips_dead_code():
-  """An unused matmul (what a remat policy that saved its result leaves in the backward jaxpr) is not
-  counted: XLA deletes it. Also guards the one private jax call (partial_eval.dce_jaxpr)."""
+  """An unused matmul is not counted: XLA deletes it."""
   n = 16
 
   def f(x):
@@ -82,6 +81,83 @@ def test_flop_count_skips_dead_code():
   traced = jax.jit(f).trace(jax.ShapeDtypeStruct((n, n), jnp.float32))
   assert flop_count.count_jaxpr(traced.jaxpr).flops == 2 * 2 * n ** 3  # the raw jaxpr holds both
   assert flop_count.count_traced(traced).flops == 2 * n ** 3
+
+
+def _kernel_matmul():
+  """x @ w as a Pallas kernel (traced only) with its own backward, run per shard: how splash attention is
+  called. The kernel's output is its residual, named "ctx" (splash's `residual_checkpoint_name`)."""
+  from jax.ad_checkpoint import checkpoint_name  # pylint: disable=g-import-not-at-top
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  def body(x_ref, w_ref, o_ref):
+    o_ref[...] = x_ref[...] @ w_ref[...]
+
+  def kernel(x, w):
+    return pl.pallas_call(body, out_shape=jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype),
+                          interpret=True)(x, w)
+
+  @jax.custom_vjp
+  def matmul(x, w):
+    return kernel(x, w)
+
+  def fwd(x, w):
+    out = checkpoint_name(kernel(x, w), "ctx")
+    return out, (x, w, out)
+
+  matmul.defvjp(fwd, lambda res, g: (g @ res[1].T * jnp.cos(res[2]), res[0].T @ g))
+  mesh = Mesh(np.array(jax.devices()[:1]), ("a",))
+  return jax.shard_map(matmul, mesh=mesh, in_specs=(P("a"), P()), out_specs=P("a"), check_vma=False)
+
+
+@pytest.mark.parametrize("policy,recomputed_live", [("save_ctx", False), ("nothing_saveable", True)])
+def test_flop_count_skips_a_dead_rematerialised_kernel(policy, recomputed_live):
+  """A checkpointed layer in a scan, whose kernel output the policy saves: jax leaves the kernel's
+  rematerialised forward in the backward pass (a shard_map with no outputs around a pallas_call, as
+  with splash attention); XLA deletes it, so it is not counted. Without the saved name it is live."""
+  m, k, length = 8, 16, 3
+  unit = 2 * m * k * k  # one [m, k] @ [k, k] matmul
+  matmul = _kernel_matmul()
+  pol = {"save_ctx": jax.checkpoint_policies.save_only_these_names("ctx"),
+         "nothing_saveable": jax.checkpoint_policies.nothing_saveable}[policy]
+
+  def f(x, ws):
+    layer = jax.checkpoint(lambda c, w: (jnp.sin(matmul(c, w)), None), policy=pol)
+    return jax.lax.scan(layer, x, ws)[0].sum()
+
+  traced = jax.jit(jax.grad(f, argnums=(0, 1))).trace(jax.ShapeDtypeStruct((m, k), jnp.float32),
+                                                      jax.ShapeDtypeStruct((length, k, k), jnp.float32))
+  # Per layer: forward kernel, recomputed kernel, backward g @ w.T and x.T @ g.
+  raw = flop_count.count_jaxpr(traced.jaxpr)
+  assert (raw.flops, raw.kernel_flops) == (length * 4 * unit, length * 2 * unit)
+  live = flop_count.count_traced(traced)
+  kernels = 2 if recomputed_live else 1
+  assert (live.flops, live.kernel_flops) == (length * (kernels + 2) * unit, length * kernels * unit)
+
+
+def test_flop_count_loop_carries_live_to_a_fixpoint():
+  n, length = 16, 5
+  unit = 2 * n ** 3
+  x = jax.ShapeDtypeStruct((n, n), jnp.float32)
+
+  def scan(x, b_feeds_a):
+    def body(c, _):
+      a, b, dead = c
+      return (jnp.tanh(a @ x) + (b if b_feeds_a else 0), b @ x, dead @ x), None
+    return jax.lax.scan(body, (x, x, x), None, length=length)[0][0]
+
+  # The needed carry a reads b only through the previous trip: b is needed from the second pass on.
+  assert flop_count.count_traced(jax.jit(lambda x: scan(x, True)).trace(x)).flops == length * 2 * unit
+  assert flop_count.count_traced(jax.jit(lambda x: scan(x, False)).trace(x)).flops == length * unit
+
+  def loop(x, steps):
+    return jax.lax.while_loop(lambda c: c[0] < steps, lambda c: (c[0] + 1, c[1] @ x, c[2] @ x), (0, x, x))[1]
+
+  traced = jax.jit(loop).trace(x, jax.ShapeDtypeStruct((), jnp.int32))
+  assert flop_count.count_jaxpr(traced.jaxpr).flops == 2 * unit  # both chains, once (unknown trip count)
+  counted = flop_count.count_traced(traced)
+  assert (counted.flops, counted.unknown_trip_loops) == (unit, 1)  # XLA keeps one dot (checked on CPU)
 
 
 def test_flop_count_shard_map_counts_every_shard():
