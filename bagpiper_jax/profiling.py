@@ -15,6 +15,8 @@ import jax
 from absl import logging
 from etils import epath
 
+from bagpiper_jax.periodic import PeriodicAction
+
 
 def parse_steps(spec: str) -> tuple[int, int] | None:
   """'N,M' -> (N, M); '' -> None. Raises ValueError naming the flag."""
@@ -31,11 +33,12 @@ def parse_steps(spec: str) -> tuple[int, int] | None:
   return first, last
 
 
-class ProfileAction:
-  """A periodic action of the train loop (train_loop.PeriodicAction interface: `due`, `run`) that
-  starts a jax.profiler trace before step N and stops it after step M."""
+class ProfileAction(PeriodicAction):
+  """A periodic action of the train loop that starts a jax.profiler trace before step N and stops it
+  after step M (its own `due`: not every-N-steps)."""
 
   def __init__(self, config, workdir: str):
+    super().__init__(0)
     self.steps = parse_steps(config.profile_steps)
     self.log_dir = str(epath.Path(workdir) / "profile")
     self.active = False
