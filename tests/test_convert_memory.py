@@ -146,6 +146,7 @@ def _check(tmp_path, cfg: ModelConfig, label: str):
   np.testing.assert_array_equal(a.astype(ml_dtypes.bfloat16).astype(np.float32), b)
 
 
+@pytest.mark.heavy  # 45 s; the memory bound also has the ~1B version below
 def test_peak_memory_100m(tmp_path):
   _check(tmp_path, CFG_100M, "~100M")
 

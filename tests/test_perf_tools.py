@@ -230,6 +230,7 @@ def test_model_runs_with_the_pallas_gpu_interpret_path():
   np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
 
 
+@pytest.mark.heavy  # 32 s: a check of the benchmark's peer (the benchmark is not a test)
 def test_bench_torch_peer_does_the_same_work():
   """bagpiper_jax.bench's torch peer (transformers Qwen3Model + lm_head + stream_emb, 8-stream input
   sum, per-stream softmax ranges, packed-document mask), given our initial weights and the same
@@ -245,6 +246,7 @@ def test_bench_torch_peer_does_the_same_work():
   assert abs(j["first_loss"] - t["first_loss"]) < 1e-4 * j["first_loss"], (j["first_loss"], t["first_loss"])
 
 
+@pytest.mark.heavy  # 42 s: the benchmark's reporting
 def test_bench_separate_processes_reports_both_sides_against_one_peak():
   """--separate_processes (the GPU mode: each framework alone on the device) runs each side in its own
   process and reports both against the parent's peak: the torch side's process keeps JAX on the CPU,
