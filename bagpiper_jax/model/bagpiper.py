@@ -84,14 +84,18 @@ class Bagpiper(nn.Module):
     picked = jnp.take_along_axis(emb, jnp.maximum(rows, 0)[..., None], axis=1)
     return jnp.where((rows >= 0)[..., None], picked.astype(x.dtype), x)
 
-  def hidden(self, batch):
-    """Final-norm hidden states [B, L, E]."""
+  def input_rows(self, batch):
+    """A checked batch -> the decoder's input [B, L, E]: the 8-stream row embeddings, continuous-audio
+    rows overwritten by the adapter (training, evaluation and the decode path's prefill)."""
     batch_lib.validate_batch(batch, self.cfg)
     x = self.embed_rows(batch["input_ids"])
     if "audio_mel" in batch:
       x = self.audio_rows(batch, x)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    x, _ = self.layers(x, batch["positions"], batch["segment_ids"])
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+  def hidden(self, batch):
+    """Final-norm hidden states [B, L, E]."""
+    x, _ = self.layers(self.input_rows(batch), batch["positions"], batch["segment_ids"])
     return self.norm(x)
 
   def stream_table(self):

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from bagpiper_jax import batch as batch_lib
 from bagpiper_jax.model import layers
 from bagpiper_jax.model.bagpiper import Bagpiper
 
@@ -48,12 +47,7 @@ class BagpiperDecoder(Bagpiper):
 
   def prefill(self, batch):
     """Prompt rows (batch.py contract; loss_weights unused) -> (h [B, P, E], (k, v) [layers, B, P, K, D])."""
-    batch_lib.validate_batch(batch, self.cfg)
-    x = self.embed_rows(batch["input_ids"])
-    if "audio_mel" in batch:
-      x = self.audio_rows(batch, x)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    x, kv = self.layers(x, batch["positions"], batch["segment_ids"], None, None)
+    x, kv = self.layers(self.input_rows(batch), batch["positions"], batch["segment_ids"], None, None)
     return self.norm(x), self._constrain_kv(kv)
 
   def step(self, input_ids, positions, cache, kv_mask, segment_ids=None):
