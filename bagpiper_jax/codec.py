@@ -99,28 +99,17 @@ class XCodec:
 
   def encode(self, wav_16k: np.ndarray) -> np.ndarray:
     """Mono 16 kHz waveform of n samples -> int16 codes [n // 320, 8] (trimmed as the reference)."""
-    torch = self._torch
     wav = np.asarray(wav_16k, dtype=np.float32)
     if wav.ndim != 1:
       raise CodecError(f"xcodec expects a mono 1-D waveform, got shape {wav.shape}")
-    frames = num_frames(wav.shape[0])
-    if frames == 0:
-      raise CodecError(f"xcodec: {wav.shape[0]} samples is shorter than one codec frame ({HOP_LENGTH})")
-    x = torch.from_numpy(np.ascontiguousarray(trim_to_frames(wav))).to(self.device)[None, None, :]
-    with torch.inference_mode():
-      codes = self.model.encode(x, bandwidth=self._bandwidth, return_dict=False)  # [1, 8, T]
-    codes = check_codes(codes[0].T.cpu().numpy(), "xcodec output")
-    if codes.shape[0] != frames:
-      raise CodecError(f"xcodec gave {codes.shape[0]} frames for {frames * HOP_LENGTH} samples; expected "
-                       f"{frames} ({HOP_LENGTH} samples per frame)")
-    return codes
+    return self.encode_batch([wav])[0]
 
   def encode_batch(self, wavs: list) -> list:
-    """Several mono 16 kHz waveforms of EQUAL length -> their codes, one model call.
+    """Several mono 16 kHz waveforms of EQUAL length -> their codes, one model call (`encode` is a
+    batch of one: the same trimming and frame-count check).
 
-    The encoder has no padding mask, so only equal lengths batch exactly: each result must equal
-    `encode` of that clip (tests/test_data_writer_codec.py checks it); keep any preprocessing that
-    `encode` applies identical here.
+    The encoder has no padding mask, so only equal lengths batch exactly: each result equals `encode`
+    of that clip (tests/test_data_writer_codec.py checks it).
     """
     torch = self._torch
     x = np.stack([np.asarray(w, dtype=np.float32) for w in wavs])
