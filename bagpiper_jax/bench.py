@@ -300,15 +300,6 @@ def matmul_peaks(n: int) -> dict:
   return out
 
 
-def accelerator_matmul_rate(n: int = 8192, repeats: int = 10) -> float:
-  """Best achieved FLOP/s of one jitted n x n x n bf16 matmul (f32 accumulation) on the accelerator:
-  the physical limit the train step's matmuls run against, measured in the same run."""
-  a = jnp.ones((n, n), jnp.bfloat16)
-  f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
-  best = min(_timed(lambda: f(a, a).block_until_ready(), repeats))
-  return 2.0 * n ** 3 / best
-
-
 def _g(x: float) -> str:
   return f"{x / 1e12:8.3f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:8.2f} GFLOP/s"
 
@@ -447,7 +438,7 @@ def main(argv):
     peak, src = metrics.device_peak_flops(config, dev)
     print(f"peak {_g(peak)} ({src})", flush=True)
     peak_name = "MFU"
-    matmul_rate = accelerator_matmul_rate(_MATMUL_N.value)
+    matmul_rate = metrics.measure_matmul_peak(_MATMUL_N.value, repeats=10, dtype=jnp.bfloat16)
     print(f"matmul (jax, {_MATMUL_N.value}^3 bf16, measured): {_g(matmul_rate)} = {matmul_rate / peak:.3f} of peak",
           flush=True)
   if _SEPARATE.value:
