@@ -110,6 +110,15 @@ def bench_config(preset: str, *, remat: str = "none", rows: int = 0, seq_len: in
   return c
 
 
+def _qwen3_fields(cfg: ModelConfig) -> dict:
+  """transformers Qwen3Config arguments for the preset's decoder (both torch peers: training, decoding)."""
+  return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+              num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+              num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
+              rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=False, attention_bias=False,
+              max_position_embeddings=cfg.max_position_embeddings, attn_implementation="sdpa")
+
+
 def packed_batch(cfg: ModelConfig, rows: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
   """Full packed rows of text+codec documents (module docstring), in the batch contract's layout."""
   rng = np.random.default_rng(seed)
@@ -193,12 +202,7 @@ def torch_peer(cfg: ModelConfig, device: str):
 
     def __init__(self):
       super().__init__()
-      hf = Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-                       head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
-                       tie_word_embeddings=False, attention_bias=False,
-                       max_position_embeddings=cfg.max_position_embeddings, attn_implementation="sdpa")
+      hf = Qwen3Config(**_qwen3_fields(cfg))
       self.model = Qwen3Model(hf)
       self.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
       self.stream_emb = torch.nn.Embedding(cfg.num_streams, cfg.hidden_size)
@@ -346,12 +350,7 @@ def bench_generate(preset: str, *, batch: int, prompt_len: int, new_tokens: int,
                            with_codec=False, with_tokenizer=False)
     loaded = loading.load(os.path.join(tmp, "rel"), mesh)
     src = safetensors_io.SafetensorsReader(os.path.join(tmp, "rel"))
-    hf = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
-        rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=False, attention_bias=False,
-        max_position_embeddings=cfg.max_position_embeddings, attn_implementation="sdpa"))
+    hf = Qwen3ForCausalLM(Qwen3Config(**_qwen3_fields(cfg)))
     hf.load_state_dict({k: torch.from_numpy(np.asarray(src.get(k), np.float32)) for k in hf.state_dict()})
     hf = hf.eval()
   rng = np.random.default_rng(0)
