@@ -183,7 +183,7 @@ class _Liveness:
         used = _or(used, self.live(b, outs)[1])
       return (True, *used), [(_open(b), outs) for b in params["branches"]]
     if name == "scan":  # invars: consts, carry, xs; outvars: carry, ys
-      nc, nk = params["num_consts"], params["num_carry"]
+      nc, nk = _scan_counts(params)
       carry, ys = outs[:nk], outs[nk:]
       while True:  # a carry output is needed when the body needs that carry input: to a fixpoint
         _, ins = self.live(params["jaxpr"], carry + ys)
@@ -206,6 +206,15 @@ class _Liveness:
               [(_open(params["body_jaxpr"]), carry), (_open(params["cond_jaxpr"]), (True,))])
     # Any other primitive (scatter-add's combiner, ...): all inputs, bodies whole (jax's default rule).
     return (True,) * len(eqn.invars), [(b, None) for b in _bodies(eqn)]
+
+
+def _scan_counts(params) -> tuple[int, int]:
+  """(consts, carries) of a scan equation: jax 0.10 names the counts; later jax (0.12, MaxText's side of
+  launch/maxtext_compare.py) keeps the groups in `ft_in` = (consts, carry, xs) flat trees."""
+  if "num_consts" in params:
+    return params["num_consts"], params["num_carry"]
+  consts, carry, _ = params["ft_in"].unpack()
+  return len(list(consts)), len(list(carry))
 
 
 # ---- Counting ----
