@@ -260,6 +260,40 @@ def test_metrics_are_zero_not_nan_without_audio_targets():
   assert float(aux["audio_loss"]) == 0.0 and np.isfinite(float(aux["text_loss"]))
 
 
+def test_audio_rows_are_exactly_the_picked_adapter_frames(dtype="bfloat16"):
+  """Row l of the input is adapter(encoder(mel)) frame audio_rows[l] (bit for bit: a one-hot contraction
+  must equal the gather it replaces), other rows are the token embeddings; the adapter's gradient equals
+  the gather's (a scatter-add of the rows' cotangents)."""
+  cfg = dataclasses.replace(tiny_model_config(), dtype=dtype)
+  batch = _mixed_batch(cfg)
+  params = _randomize(_init(cfg, batch), std=0.1)
+  model = Bagpiper(cfg)
+  jbatch = jax.tree.map(jnp.asarray, batch)
+  x = model.apply({"params": params}, jbatch["input_ids"], method=Bagpiper.embed_rows)
+
+  def frames_of(p):
+    mel, lens = jbatch["audio_mel"], jbatch["audio_chunk_lens"]
+    b, w = mel.shape[:2]
+    f, _ = model.apply({"params": p}, mel.reshape(b * w, *mel.shape[2:]), lens.reshape(b * w, -1),
+                       method=lambda m, *a: m.audio_encoder(*a))
+    return model.apply({"params": p}, f.reshape(b, -1, f.shape[-1]), method=lambda m, f: m.adapter(f))
+
+  def by_gather(p):
+    emb, rows = frames_of(p), jbatch["audio_rows"]
+    picked = jnp.take_along_axis(emb, jnp.maximum(rows, 0)[..., None], axis=1)
+    return jnp.where((rows >= 0)[..., None], picked.astype(x.dtype), x)
+
+  got = model.apply({"params": params}, jbatch, x, method=Bagpiper.audio_rows)
+  np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(by_gather(params).astype(jnp.float32)))
+  assert int((batch["audio_rows"] >= 0).sum()) == 18
+  probe = jax.random.normal(jax.random.PRNGKey(3), got.shape).astype(got.dtype)
+  g = jax.grad(lambda p: jnp.sum((model.apply({"params": p}, jbatch, x, method=Bagpiper.audio_rows) * probe)
+                                 .astype(jnp.float32)))(params)["adapter"]["kernel"]
+  g_ref = jax.grad(lambda p: jnp.sum((by_gather(p) * probe).astype(jnp.float32)))(params)["adapter"]["kernel"]
+  assert float(jnp.abs(g_ref).sum()) > 0
+  np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-6)
+
+
 def test_audio_rows_change_the_output_and_encoder_gets_no_gradient():
   cfg = tiny_model_config()
   batch = _mixed_batch(cfg)
