@@ -118,6 +118,7 @@ def _finished(workdir):
   return sorted(int(x) for x in os.listdir(os.path.join(workdir, "checkpoints")) if x.isdigit())
 
 
+@pytest.mark.heavy  # 107 s + 28 s setup: 2 + 1 + 4 real train processes; the SIGKILL restart test below stays in the default run
 @pytest.mark.timeout(1800)
 def test_sigterm_then_resume_on_1_and_4_processes(world):
   root, ref = world["root"], world["root"] / "A_batches"

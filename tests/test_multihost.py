@@ -76,6 +76,7 @@ def _losses(d: dict) -> np.ndarray:
   return np.array([d[str(s)] for s in sorted(int(k) for k in d)])
 
 
+@pytest.mark.heavy  # 81 s: 2-process run vs 1; tests/test_elastic.py's SIGKILL restart keeps 2 processes in the default run
 @pytest.mark.timeout(600)
 def test_two_processes_match_one_and_checkpoints_cross_restore(tmp_path):
   cache = str(tmp_path / "jax_cache")
