@@ -132,6 +132,7 @@ def compile_train_step(config, topo: topology_lib.Topology):
   optimized = optimized_hlo_text(compiled)
   if optimized is not None:
     sizes["hlo_instructions"] = hlo_instruction_count(optimized)
+    sizes["collectives"] = collective_counts(optimized)
   return compiled, lowered, mesh, abstract_state, abstract_batch, counted, timing, sizes
 
 
@@ -151,6 +152,19 @@ def optimized_hlo_text(compiled) -> str | None:
 
 def hlo_instruction_count(text: str) -> int:
   return sum(1 for line in text.splitlines() if re.match(r"\s*(ROOT )?%?[\w.\-]+ = ", line))
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def collective_counts(text: str) -> dict[str, int]:
+  """Collectives of the optimized program by kind (an async start/done pair counts once). FSDP weight
+  gathers should be all-gathers: libtpu turns them into all-reduces of zero-padded buffers when it
+  compiles for the wrong torus (launch/topology.py, Topology.wrap)."""
+  counts = dict.fromkeys(COLLECTIVES, 0)
+  for m in re.finditer(r" (" + "|".join(COLLECTIVES) + r")(-start)?\(", text):
+    counts[m.group(1)] += 1
+  return counts
 
 
 def save_compiled(compiled, path: str, meta: dict) -> int:
@@ -285,6 +299,8 @@ def format_report(rep: dict) -> str:
                f"lower {t['lower_s']:.1f} s, XLA compile {t['compile_s']:.1f} s ({t.get('compile_cpu_s', 0):.1f} s CPU); program: "
                f"{z.get('jaxpr_eqns', 0):,} jaxpr equations, {z.get('stablehlo_ops', 0):,} StableHLO ops"
                + (f", {z['hlo_instructions']:,} optimized HLO instructions" if "hlo_instructions" in z else ""))
+    if z.get("collectives"):
+      out.append("  collectives: " + ", ".join(f"{n} {k}" for k, n in z["collectives"].items() if n))
   m = rep.get("memory")
   if m is None:
     out.append("  DOES NOT FIT: XLA ran out of memory while compiling:\n    "

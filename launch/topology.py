@@ -80,6 +80,22 @@ class Topology:
     return (2, 2, 1)
 
   @property
+  def wrap(self) -> tuple[bool, bool, bool]:
+    """Which axes of the slice close into a ring (wraparound links), as libtpu wants them.
+
+    3-D slices (v4, v5p) built of whole 4x4x4 cubes are tori on all three axes; smaller ones are
+    open meshes. 2-D slices (v5e, v6e) wrap along a side of 16 chips, the full pod edge. Without
+    this, libtpu compiles for an open mesh: on v5p-128 every FSDP all-gather then becomes an
+    all-reduce of zero-padded buffers (2x the ICI bytes, and a third of the step's compile time;
+    launch/README.md, compile time).
+    """
+    if self.chip.grid_dims == 3:
+      return (all(g % 4 == 0 for g in self.grid),) * 3
+    if self.chip.grid_dims == 2:
+      return tuple(g == 16 for g in self.grid) + (False,)
+    return (False, False, False)
+
+  @property
   def accelerator_type(self) -> str:
     """The TPU_ACCELERATOR_TYPE string of one slice (e.g. v5p-128)."""
     return f"{self.chip.name}-{self.chips_per_slice * self.chip.cores_in_name}"
@@ -167,7 +183,7 @@ def devices(topo: Topology):
   try:
     desc = topologies.get_topology_desc(
         topology_name=topo.libtpu_topology, platform="tpu", chip_config_name=topo.chip.chip_config,
-        chips_per_host_bounds=topo.chips_per_host_bounds, num_slices=topo.num_slices)
+        chips_per_host_bounds=topo.chips_per_host_bounds, num_slices=topo.num_slices, wrap=topo.wrap)
   except Exception as e:  # pylint: disable=broad-except
     hint = ""
     try:  # only to name the cause; importing libtpu early would load it before the env above is set

@@ -46,6 +46,32 @@ def test_topology_names(name, libtpu_name, chips):
   assert topology.parse(name, num_slices=2).num_chips == 2 * chips
 
 
+@pytest.mark.parametrize("name,wrap", [
+    ("v5p-8", (False, False, False)), ("v5p-64", (False, False, False)), ("v5p-128", (True, True, True)),
+    ("v5p:4x4x12", (True, True, True)), ("v4-128", (True, True, True)), ("v4-32", (False, False, False)),
+    ("v6e-64", (False, False, False)), ("v6e-128", (False, True, False)), ("v6e-256", (True, True, False)),
+    ("v5e-256", (True, True, False)), ("v5e-16", (False, False, False)),
+])
+def test_topology_wraparound(name, wrap):
+  """Whole 4x4x4 cubes are tori; v5e/v6e close a side of 16 chips (as Cloud TPU builds the slices)."""
+  assert topology.parse(name).wrap == wrap
+
+
+def test_devices_ask_libtpu_for_the_slice_with_its_torus(monkeypatch):
+  seen = {}
+
+  class Desc:
+    devices = [object()] * 64
+
+  def fake(**kwargs):
+    seen.update(kwargs)
+    return Desc()
+  monkeypatch.setattr(topology.topologies, "get_topology_desc", fake)
+  assert len(topology.devices(topology.parse("v5p-128"))) == 64
+  assert seen["topology_name"] == "v5:4x4x4" and seen["wrap"] == (True, True, True), seen
+  assert seen["chip_config_name"] == "megacore" and seen["chips_per_host_bounds"] == (2, 2, 1)
+
+
 @pytest.mark.parametrize("bad", ["v5p-384", "v5p-7", "v9-8", "tpu", "v5e:2x2x2"])
 def test_topology_bad_names_are_errors(bad):
   with pytest.raises(ValueError, match="--topology"):
@@ -257,8 +283,10 @@ def test_aot_compile_tiny_on_v5p_8():
   assert 0 < f["xla_cost_flops_per_chip"] < f["executed_flops_per_chip"]
   assert f["unknown_trip_loops"] == 0
   assert f["est_step_time_s"] > 0 and 0 < f["est_hardware_utilisation"] < 1
+  # FSDP gathers the weights with all-gathers (not all-reduces of zero-padded buffers).
+  assert rep["sizes"]["collectives"]["all-gather"] >= 10, rep["sizes"]
   text = aot_compile.format_report(rep)
-  assert "FITS" in text and "arguments" in text and "temps" in text
+  assert "FITS" in text and "arguments" in text and "temps" in text and " all-gather" in text
 
 
 @needs_libtpu
