@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -307,3 +308,42 @@ def test_decode_step_compiles_for_a_tpu_slice():
   assert cfg["cache_rows"] == 8 and cfg["cache_bytes_per_chip"] == 2 * plain["cache_bytes_per_chip"]
   assert 0 < plain["hbm_step_time_s"] < cfg["hbm_step_time_s"]
   assert "per step and chip" in aot_compile.format_decode_report(plain)
+
+
+def test_compile_profile_attributes_kernels_to_parts():
+  """launch/compile_profile: each kernel's LLO count from libtpu's backend log, its seconds from its
+  thread's log lines, its part from the op names of the fusion it lowers (here: a backward decoder
+  matmul on thread 7, an encoder conv on thread 8, interleaved as the two compile threads log)."""
+  from launch import compile_profile  # pylint: disable=g-import-not-at-top
+  log = [
+      "I1127 04:00:00.000000       7 deepsea_compiler_backend.cc:1] [fusion.3] LLO optimizing 1,000 instructions",
+      "I1127 04:00:00.500000       8 deepsea_compiler_backend.cc:1] [fusion.9] LLO optimizing 40 instructions",
+      "I1127 04:00:02.000000       7 deepsea_compiler_backend.cc:2] post-bundle-packing non-empty bundle count: 5",
+      "I1127 04:00:02.500000       8 deepsea_compiler_backend.cc:2] post-bundle-packing non-empty bundle count: 1",
+      "I1127 04:00:03.000000       7 deepsea_compiler_backend.cc:1] [all-gather.1] LLO optimizing 7 instructions",
+      "I1127 04:00:03.250000       7 deepsea_compiler_base.cc:3914] BACKEND_PASSES stage duration: 3.25s",
+  ]
+  hlo = "\n".join([
+      "%fused_computation.3 (p: bf16[8]) -> bf16[8] {",
+      '  ROOT %m = bf16[8] multiply(%p, %p), metadata={op_name="jit(f)/transpose(jvp(Bagpiper))/Bagpiper.hidden/'
+      'while/body/closed_call/layers/mlp/dot_general"}',
+      "}",
+      "%fused_computation.9 (p: bf16[8]) -> bf16[8] {",
+      '  ROOT %c = bf16[8] add(%p, %p), metadata={op_name="jit(f)/jvp(Bagpiper)/Bagpiper.audio_rows/audio_encoder/'
+      'conv2d1/conv_general_dilated"}',
+      "}",
+      "ENTRY %main (a: bf16[8]) -> bf16[8] {",
+      "  %fusion.3 = bf16[8] fusion(%a), kind=kOutput, calls=%fused_computation.3",
+      "  %fusion.9 = bf16[8] fusion(%fusion.3), kind=kLoop, calls=%fused_computation.9",
+      "  ROOT %all-gather.1 = bf16[64] all-gather(%fusion.9), dimensions={0}",
+      "}",
+  ])
+  costs = compile_profile.kernel_costs(log)
+  assert costs == {"fusion.3": (1000, 2.0), "fusion.9": (40, 2.0), "all-gather.1": (7, 1.25)}, costs
+  names = compile_profile.op_names(hlo)
+  assert compile_profile.part_of(names["fusion.3"]) == "decoder layers, backward"
+  assert compile_profile.part_of(names["fusion.9"]) == "audio encoder + adapter"
+  assert compile_profile.stage_durations(log) == {"BACKEND_PASSES": "3.25s"}
+  text = compile_profile.report(log, hlo, top=2)
+  assert re.search(r"decoder layers, backward\s+1\s+1,000\s+95\.5%", text), text
+  assert "1 all-gather" in text and "fusion.9" in text.split("largest 2 kernels:")[1]

@@ -167,7 +167,8 @@ def multistream_loss_sums(h, lm_kernel, stream_offsets, targets, weights, cfg: M
   sum(ce) + z_loss_weight * sum(z), the only entry with a gradient (w.r.t. h, lm_kernel and
   stream_offsets, computed in the forward pass: `_fused_objective`); the metric sums carry none.
   """
-  objective, sums = _fused_objective(h, lm_kernel, stream_offsets, targets, weights, cfg)
+  with jax.named_scope("multistream_loss"):  # names the loss's ops in profiles and compile logs
+    objective, sums = _fused_objective(h, lm_kernel, stream_offsets, targets, weights, cfg)
   return {**jax.lax.stop_gradient(sums), "objective": objective}
 
 
