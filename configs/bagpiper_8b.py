@@ -5,7 +5,7 @@ optionally a TPU slice after a comma for the settings tuned for it:
   python -m bagpiper_jax.train --config=configs/bagpiper_8b.py:pretrain,v5p-128 --workdir=gs://...
 
 Without a slice the config is the conservative one that fits every slice we compiled for (remat
-`nothing_saveable`, one packed row per chip: 9-56% of HBM). `TOPOLOGY_PRESETS` hold, per slice, the
+`nothing_saveable`, one packed row per chip: 10-61% of HBM). `TOPOLOGY_PRESETS` hold, per slice, the
 point of the AOT sweep (`python -m launch.sweep`, tables in launch/README.md) with the least executed
 FLOPs per token within 85% of the chip's HBM. They are for warmup and pretrain (seq 8,192); SFT rows
 (20,000 positions) were not swept, so `sft,<slice>` is refused rather than guessed.
