@@ -7,8 +7,9 @@ optionally a TPU slice after a comma for the settings tuned for it:
 Without a slice the config is the conservative one that fits every slice we compiled for (remat
 `nothing_saveable`, one packed row per chip: 10-61% of HBM). `TOPOLOGY_PRESETS` hold, per slice, the
 point of the AOT sweep (`python -m launch.sweep`, tables in launch/README.md) with the least executed
-FLOPs per token within 85% of the chip's HBM. They are for warmup and pretrain (seq 8,192); SFT rows
-(20,000 positions) were not swept, so `sft,<slice>` is refused rather than guessed.
+FLOPs per token within 85% of the chip's HBM. They are for warmup and pretrain (seq 8,192).
+`SFT_PRESETS` are the same choice for SFT's 20,000-position rows, swept on v5p-128 only so far:
+`sft,<other slice>` is refused rather than guessed.
 """
 
 from bagpiper_jax import config_lib
@@ -26,6 +27,13 @@ TOPOLOGY_PRESETS = {
                     attention_fused_bwd=True, per_device_batch=1),
 }
 
+# SFT (seq 20,000), same rule. v5p-128: minimal_with_context + fused backward, 1 row: 68.97 GiB (72.6%),
+# executed/model 1.405 against the plain config's 1.96 (2 rows and remat `none` run out of memory).
+SFT_PRESETS = {
+    "v5p-128": dict(remat_policy="minimal_with_context", remat_offload="", attention_fused_bwd=True,
+                    per_device_batch=1),
+}
+
 
 def get_config(arg: str = "pretrain"):
   stage, _, slice_name = (arg or "pretrain").partition(",")
@@ -36,13 +44,15 @@ def get_config(arg: str = "pretrain"):
   c.data.max_audio_windows = 32
   c.mesh.ici = dict(data=1, fsdp=-1, tensor=1, sequence=1)
   if slice_name:
-    if slice_name not in TOPOLOGY_PRESETS:
+    presets = SFT_PRESETS if c.stage == "sft" else TOPOLOGY_PRESETS
+    if slice_name not in presets:
+      if c.stage == "sft" and slice_name in TOPOLOGY_PRESETS:
+        raise ValueError(f"configs/bagpiper_8b.py:{arg}: {slice_name} was swept for seq 8,192 (warmup, pretrain) "
+                         f"only; SFT presets: {sorted(SFT_PRESETS)}. Sweep SFT's 20,000-position rows first "
+                         "(launch/README.md)")
       raise ValueError(f"configs/bagpiper_8b.py:{arg}: no tuned settings for slice {slice_name!r}; known: "
-                       f"{sorted(TOPOLOGY_PRESETS)} (or sweep it: python -m launch.sweep, launch/README.md)")
-    if c.stage == "sft":
-      raise ValueError(f"configs/bagpiper_8b.py:{arg}: the slice presets were swept for seq 8,192 (warmup, "
-                       "pretrain); sweep SFT's 20,000-position rows first (launch/README.md)")
-    p = TOPOLOGY_PRESETS[slice_name]
+                       f"{sorted(presets)} (or sweep it: python -m launch.sweep, launch/README.md)")
+    p = presets[slice_name]
     c.model.remat_policy = p["remat_policy"]
     c.model.remat_offload = p["remat_offload"]
     c.model.attention_fused_bwd = p["attention_fused_bwd"]

@@ -275,5 +275,8 @@ def test_8b_slice_presets():
   assert bagpiper_8b.get_config("warmup,v5p-128").stage == "warmup"
   with pytest.raises(ValueError, match="no tuned settings"):
     bagpiper_8b.get_config("pretrain,v4-8")
-  with pytest.raises(ValueError, match="sweep SFT"):
-    bagpiper_8b.get_config("sft,v5p-128")
+  sft = bagpiper_8b.get_config("sft,v5p-128")
+  assert sft.stage == "sft" and sft.data.seq_len == 20_000 and sft.model.remat_policy == "minimal_with_context"
+  assert sft.model.attention_fused_bwd and sft.data.per_device_batch == 1
+  with pytest.raises(ValueError, match="Sweep SFT"):
+    bagpiper_8b.get_config("sft,v6e-256")
