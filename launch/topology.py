@@ -86,8 +86,8 @@ class Topology:
     3-D slices (v4, v5p) built of whole 4x4x4 cubes are tori on all three axes; smaller ones are
     open meshes. 2-D slices (v5e, v6e) wrap along a side of 16 chips, the full pod edge. Without
     this, libtpu compiles for an open mesh: on v5p-128 every FSDP all-gather then becomes an
-    all-reduce of zero-padded buffers (2x the ICI bytes, and a third of the step's compile time;
-    launch/README.md, compile time).
+    all-reduce of zero-padded buffers (2x the ICI bytes, and a fifth of the 8B step's backend
+    compile work; launch/README.md, "Compile time against MaxText").
     """
     if self.chip.grid_dims == 3:
       return (all(g % 4 == 0 for g in self.grid),) * 3
