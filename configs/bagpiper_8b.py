@@ -8,8 +8,8 @@ Without a slice the config is the conservative one that fits every slice we comp
 `nothing_saveable`, one packed row per chip: 10-61% of HBM). `TOPOLOGY_PRESETS` hold, per slice, the
 point of the AOT sweep (`python -m launch.sweep`, tables in launch/README.md) with the least executed
 FLOPs per token within 85% of the chip's HBM. They are for warmup and pretrain (seq 8,192).
-`SFT_PRESETS` are the same choice for SFT's 20,000-position rows, swept on v5p-128 only so far:
-`sft,<other slice>` is refused rather than guessed.
+`SFT_PRESETS` are the same choice for SFT's 20,000-position rows (swept on the same three slices);
+a slice that was not swept is refused rather than guessed.
 """
 
 from bagpiper_jax import config_lib
@@ -27,11 +27,20 @@ TOPOLOGY_PRESETS = {
                     attention_fused_bwd=True, per_device_batch=1),
 }
 
-# SFT (seq 20,000), same rule. v5p-128: minimal_with_context + fused backward, 1 row: 68.97 GiB (72.6%),
-# executed/model 1.405 against the plain config's 1.96 (2 rows and remat `none` run out of memory).
+# SFT (seq 20,000), same rule (launch/README.md, "SFT's 20,000-position rows"). v5p-128:
+# minimal_with_context + fused backward, 1 row: 68.97 GiB (72.6%), executed/model 1.405 against the plain
+# config's 1.96. v6e-256 / v5e-256: nothing saved, the 5 names offloaded (19.2 GiB pinned host per chip),
+# 1 row: 11.46 / 10.58 GiB (36% / 66%), 1.714; keeping more (minimal_with_context + offload,
+# save_dot_except_mlp) runs out of memory or exceeds 85%.
 SFT_PRESETS = {
     "v5p-128": dict(remat_policy="minimal_with_context", remat_offload="", attention_fused_bwd=True,
                     per_device_batch=1),
+    "v6e-256": dict(remat_policy="custom",
+                    remat_offload="decoder_layer_input,query_proj,key_proj,value_proj,out_proj",
+                    attention_fused_bwd=True, per_device_batch=1),
+    "v5e-256": dict(remat_policy="custom",
+                    remat_offload="decoder_layer_input,query_proj,key_proj,value_proj,out_proj",
+                    attention_fused_bwd=True, per_device_batch=1),
 }
 
 
@@ -46,10 +55,6 @@ def get_config(arg: str = "pretrain"):
   if slice_name:
     presets = SFT_PRESETS if c.stage == "sft" else TOPOLOGY_PRESETS
     if slice_name not in presets:
-      if c.stage == "sft" and slice_name in TOPOLOGY_PRESETS:
-        raise ValueError(f"configs/bagpiper_8b.py:{arg}: {slice_name} was swept for seq 8,192 (warmup, pretrain) "
-                         f"only; SFT presets: {sorted(SFT_PRESETS)}. Sweep SFT's 20,000-position rows first "
-                         "(launch/README.md)")
       raise ValueError(f"configs/bagpiper_8b.py:{arg}: no tuned settings for slice {slice_name!r}; known: "
                        f"{sorted(presets)} (or sweep it: python -m launch.sweep, launch/README.md)")
     p = presets[slice_name]

@@ -278,5 +278,10 @@ def test_8b_slice_presets():
   sft = bagpiper_8b.get_config("sft,v5p-128")
   assert sft.stage == "sft" and sft.data.seq_len == 20_000 and sft.model.remat_policy == "minimal_with_context"
   assert sft.model.attention_fused_bwd and sft.data.per_device_batch == 1
-  with pytest.raises(ValueError, match="Sweep SFT"):
-    bagpiper_8b.get_config("sft,v6e-256")
+  assert sorted(bagpiper_8b.SFT_PRESETS) == sorted(bagpiper_8b.TOPOLOGY_PRESETS)
+  for name, p in bagpiper_8b.SFT_PRESETS.items():
+    c = bagpiper_8b.get_config(f"sft,{name}")
+    assert c.model.remat_policy == p["remat_policy"] and c.model.remat_offload == p["remat_offload"]
+    layers.remat_policy(c.model.remat_policy, c.model.remat_save, c.model.remat_offload)
+  with pytest.raises(ValueError, match="no tuned settings"):
+    bagpiper_8b.get_config("sft,v4-8")
