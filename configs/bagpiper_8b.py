@@ -16,15 +16,18 @@ from bagpiper_jax import config_lib
 
 # slice -> overrides: remat policy (+ names offloaded to host memory), splash fused backward kernel,
 # packed rows per chip. Measured with libtpu 0.0.52 (launch/README.md, "Tuned configs").
+_FIVE_NAMES = "decoder_layer_input,query_proj,key_proj,value_proj,out_proj"  # offloaded to pinned host memory
+
+
+def _preset(remat_policy: str, remat_offload: str = "", rows: int = 1) -> dict:
+  return dict(remat_policy=remat_policy, remat_offload=remat_offload, attention_fused_bwd=True,
+              per_device_batch=rows)
+
+
 TOPOLOGY_PRESETS = {
-    "v5p-128": dict(remat_policy="minimal_with_context", remat_offload="", attention_fused_bwd=True,
-                    per_device_batch=2),
-    "v6e-256": dict(remat_policy="minimal_with_context",
-                    remat_offload="decoder_layer_input,query_proj,key_proj,value_proj,out_proj",
-                    attention_fused_bwd=True, per_device_batch=1),
-    "v5e-256": dict(remat_policy="custom",
-                    remat_offload="decoder_layer_input,query_proj,key_proj,value_proj,out_proj",
-                    attention_fused_bwd=True, per_device_batch=1),
+    "v5p-128": _preset("minimal_with_context", rows=2),
+    "v6e-256": _preset("minimal_with_context", _FIVE_NAMES),
+    "v5e-256": _preset("custom", _FIVE_NAMES),  # custom with no saved names: save nothing, offload 5
 }
 
 # SFT (seq 20,000), same rule (launch/README.md, "SFT's 20,000-position rows"). v5p-128:
@@ -33,14 +36,9 @@ TOPOLOGY_PRESETS = {
 # 1 row: 11.46 / 10.58 GiB (36% / 66%), 1.714; keeping more (minimal_with_context + offload,
 # save_dot_except_mlp) runs out of memory or exceeds 85%.
 SFT_PRESETS = {
-    "v5p-128": dict(remat_policy="minimal_with_context", remat_offload="", attention_fused_bwd=True,
-                    per_device_batch=1),
-    "v6e-256": dict(remat_policy="custom",
-                    remat_offload="decoder_layer_input,query_proj,key_proj,value_proj,out_proj",
-                    attention_fused_bwd=True, per_device_batch=1),
-    "v5e-256": dict(remat_policy="custom",
-                    remat_offload="decoder_layer_input,query_proj,key_proj,value_proj,out_proj",
-                    attention_fused_bwd=True, per_device_batch=1),
+    "v5p-128": _preset("minimal_with_context"),
+    "v6e-256": _preset("custom", _FIVE_NAMES),
+    "v5e-256": _preset("custom", _FIVE_NAMES),
 }
 
 
