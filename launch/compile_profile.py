@@ -27,6 +27,8 @@ import tempfile
 
 from absl import app, flags
 
+from launch import aot_compile
+
 # (part, pattern over a kernel's op names), first match wins. `transpose(` marks the backward pass.
 PARTS = (
     ("audio encoder + adapter", r"audio_encoder|/adapter/|audio_rows"),
@@ -115,9 +117,8 @@ def report(log_lines, hlo_text: str, top: int) -> str:
          f"  {'part':42s} {'kernels':>7s} {'LLO instr':>11s} {'share':>6s} {'seconds':>8s}"]
   for part, (n, llo, sec) in sorted(by_part.items(), key=lambda kv: -kv[1][1]):
     out.append(f"  {part:42s} {n:7d} {llo:11,d} {llo / total_llo:6.1%} {sec:8.1f}")
-  collectives = collections.Counter(re.findall(r" (all-gather|all-reduce|reduce-scatter|all-to-all)(?:-start)?\(",
-                                               hlo_text))
-  out.append("collectives: " + (", ".join(f"{n} {k}" for k, n in sorted(collectives.items())) or "none"))
+  collectives = aot_compile.collective_counts(hlo_text)
+  out.append("collectives: " + (", ".join(f"{n} {k}" for k, n in collectives.items() if n) or "none"))
   out.append(f"largest {top} kernels:")
   for k, (llo, sec) in sorted(costs.items(), key=lambda kv: -kv[1][0])[:top]:
     ops = [o for o in names.get(k, []) if o]

@@ -267,21 +267,19 @@ def test_bench_separate_processes_reports_both_sides_against_one_peak():
 def test_8b_slice_presets():
   plain = bagpiper_8b.get_config("pretrain")
   assert plain.model.remat_policy == "nothing_saveable" and plain.data.per_device_batch == 1
-  for name, p in bagpiper_8b.TOPOLOGY_PRESETS.items():
-    c = bagpiper_8b.get_config(f"pretrain,{name}")
-    assert c.stage == "pretrain" and c.model.remat_policy == p["remat_policy"]
-    assert c.data.per_device_batch == p["per_device_batch"] and c.model.remat_offload == p["remat_offload"]
-    layers.remat_policy(c.model.remat_policy, c.model.remat_save, c.model.remat_offload)  # a valid policy
+  assert sorted(bagpiper_8b.SFT_PRESETS) == sorted(bagpiper_8b.TOPOLOGY_PRESETS)
+  for stage, presets in (("pretrain", bagpiper_8b.TOPOLOGY_PRESETS), ("sft", bagpiper_8b.SFT_PRESETS)):
+    for name, p in presets.items():
+      c = bagpiper_8b.get_config(f"{stage},{name}")
+      assert c.stage == stage and c.model.remat_policy == p["remat_policy"]
+      assert c.data.per_device_batch == p["per_device_batch"] and c.model.remat_offload == p["remat_offload"]
+      assert c.model.attention_fused_bwd == p["attention_fused_bwd"]
+      layers.remat_policy(c.model.remat_policy, c.model.remat_save, c.model.remat_offload)  # a valid policy
   assert bagpiper_8b.get_config("warmup,v5p-128").stage == "warmup"
   with pytest.raises(ValueError, match="no tuned settings"):
     bagpiper_8b.get_config("pretrain,v4-8")
   sft = bagpiper_8b.get_config("sft,v5p-128")
   assert sft.stage == "sft" and sft.data.seq_len == 20_000 and sft.model.remat_policy == "minimal_with_context"
   assert sft.model.attention_fused_bwd and sft.data.per_device_batch == 1
-  assert sorted(bagpiper_8b.SFT_PRESETS) == sorted(bagpiper_8b.TOPOLOGY_PRESETS)
-  for name, p in bagpiper_8b.SFT_PRESETS.items():
-    c = bagpiper_8b.get_config(f"sft,{name}")
-    assert c.model.remat_policy == p["remat_policy"] and c.model.remat_offload == p["remat_offload"]
-    layers.remat_policy(c.model.remat_policy, c.model.remat_save, c.model.remat_offload)
   with pytest.raises(ValueError, match="no tuned settings"):
     bagpiper_8b.get_config("sft,v4-8")
