@@ -145,6 +145,7 @@ def main(argv):
     if not F.config or not F.topology:
       raise app.UsageError("--config and --topology are required (or --log and --dump)")
     work = F.out_dir or tempfile.mkdtemp(prefix="compile_profile_")
+    os.makedirs(work, exist_ok=True)
     log, dump = os.path.join(work, "libtpu.log"), os.path.join(work, "dump")
     env = dict(os.environ, TPU_VMODULE="deepsea_compiler_backend=2", TPU_STDERR_LOG_LEVEL="0",
                TPU_MIN_LOG_LEVEL="0", XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}").strip())
