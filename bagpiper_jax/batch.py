@@ -3,7 +3,8 @@
 One packed batch (numpy on the host, jax.Array on device) is a dict:
 
   input_ids        int32   [B, L, S]   S = 8 streams. Text/special rows: id in stream 0, 0 elsewhere.
-                                       Codec rows: one codec id per stream (delay-interleaved).
+                                       Codec rows: one codec id per stream (delay-interleaved);
+                                       stream n >= 1 holds 0 or an id of its own codec block.
                                        Continuous-audio rows: all 0 (overwritten by the adapter).
   loss_weights     float32 [B, L, S]   weight of predicting cell (t, s) from row t-1 (docs/model.md#loss: 1.0 for
                                        stream-0 text/special targets, 0.125 per codec cell).
@@ -172,6 +173,16 @@ def validate_batch(batch: Mapping[str, np.ndarray], cfg: ModelConfig, *, check_v
     bad = np.argwhere((ids < 0) | (ids >= cfg.vocab_size))[0]
     raise ValueError(f"input_ids out of the vocabulary [0, {cfg.vocab_size}): "
                      f"id {int(ids[tuple(bad)])} at [batch {bad[0]}, row {bad[1]}, stream {bad[2]}]")
+  # Streams 1..S-1 hold 0 (no codec in the row) or an id of their own codec block: the model embeds
+  # them as one multi-hot contraction over those blocks (model/bagpiper.py, embed_rows).
+  codec = ids[..., 1:]
+  lo = np.asarray([cfg.codec_pad_id(n) for n in range(1, s)], ids.dtype)
+  stray = (codec != 0) & ((codec < lo) | (codec >= lo + cfg.codec_block))
+  if stray.any():
+    bad = np.argwhere(stray)[0]
+    n = int(bad[2]) + 1
+    raise ValueError(f"input_ids: stream {n} holds id {int(codec[tuple(bad)])} at [batch {bad[0]}, row {bad[1]}]; "
+                     f"stream {n} takes 0 or its codec block [{int(lo[n - 1])}, {int(lo[n - 1]) + cfg.codec_block})")
   if present:
     rows, lens = batch["audio_rows"], batch["audio_chunk_lens"]
     n_out = batch["audio_mel"].shape[1] * enc.frames_per_window_out

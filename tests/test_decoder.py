@@ -294,6 +294,47 @@ def test_audio_rows_are_exactly_the_picked_adapter_frames():
   np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("codec_embedding", ["lookup", "matmul"])
+def test_embed_rows_equal_the_sum_of_per_stream_lookups(dtype, codec_embedding):
+  """embed_rows (stream 0 looked up; streams 1..7 looked up, or one multi-hot contraction with their
+  codec blocks) equals the plain sum of the 8 lookups with id 0 zeroed in streams 1..7, rows of every kind (text,
+  codec rows with pad and code ids, continuous-audio placeholders); its table gradient equals the
+  lookups' (scatter-adds). The lookups' sum is taken in float32 and rounded once, as embed_rows does."""
+  cfg = dataclasses.replace(tiny_model_config(), dtype=dtype, codec_embedding=codec_embedding)
+  batch = _mixed_batch(cfg)
+  ids = batch["input_ids"].copy()
+  rng = np.random.default_rng(4)
+  codec_rows = rng.random(ids.shape[:2]) < 0.5
+  for n in range(cfg.num_streams):
+    codes = np.where(rng.random(ids.shape[:2]) < 0.2, cfg.codec_pad_id(n),
+                     cfg.codec_id(n, rng.integers(0, cfg.codebook_size, ids.shape[:2])))
+    ids[..., n] = np.where(codec_rows, codes, ids[..., n] if n == 0 else 0)
+  assert (ids[..., 1:] != 0).any() and (ids[..., 1:] == 0).any()
+  params = _randomize(_init(cfg, batch), std=0.5)
+  model = Bagpiper(cfg)
+  got = model.apply({"params": params}, jnp.asarray(ids), method=Bagpiper.embed_rows)
+
+  def by_lookups(p):
+    table = p["embed_tokens"]["embedding"].astype(got.dtype).astype(jnp.float32)
+    keep = jnp.asarray(ids != 0).at[..., 0].set(True)
+    return jnp.sum(jnp.where(keep[..., None], table[ids], 0.0), axis=2).astype(got.dtype)
+
+  # Equal up to the order of the float32 additions (and, in bf16, the roundings: "lookup" rounds after
+  # each stream, as the reference does).
+  tol = 1e-6 if dtype == "float32" else 2.0 ** -6
+  np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), np.asarray(by_lookups(params).astype(jnp.float32)),
+                             rtol=tol, atol=tol)
+  if dtype != "float32":
+    return  # gradients in float32 only: "lookup" sums bf16 cotangents in its scatter-add (~1% off)
+  probe = jax.random.normal(jax.random.PRNGKey(3), got.shape)
+  grad = lambda f: jax.grad(lambda p: jnp.sum(f(p).astype(jnp.float32) * probe))(params)["embed_tokens"]["embedding"]
+  g = grad(lambda p: model.apply({"params": p}, jnp.asarray(ids), method=Bagpiper.embed_rows))
+  g_ref = grad(by_lookups)
+  assert float(jnp.abs(g_ref[cfg.codec_pad_id(1):]).sum()) > 0
+  np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-6)
+
+
 def test_audio_rows_change_the_output_and_encoder_gets_no_gradient():
   cfg = tiny_model_config()
   batch = _mixed_batch(cfg)
@@ -323,6 +364,10 @@ def test_bad_input_raises_clear_errors(tiny_cfg):
   bad["input_ids"][0, 5, 2] = tiny_cfg.vocab_size + 7
   with pytest.raises(ValueError, match=r"out of the vocabulary.*row 5, stream 2"):
     call(bad)
+  stray = dict(good, input_ids=good["input_ids"].copy())
+  stray["input_ids"][0, 3, 4] = tiny_cfg.codec_id(5, 2)  # stream 5's code in stream 4
+  with pytest.raises(ValueError, match=r"stream 4 holds id .* \[batch 0, row 3\]; stream 4 takes 0 or its codec block"):
+    call(stray)
   with pytest.raises(ValueError, match="audio span mismatch"):
     lens = good["audio_chunk_lens"].copy()
     lens[0, 0, 1] = 60  # 8 encoder frames, but the row has 5 placeholder rows for that chunk

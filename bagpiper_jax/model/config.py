@@ -98,6 +98,10 @@ class ModelConfig:
   attention_impl: str = "xla"
   attention_fused_bwd: bool = False  # splash: one fused dq/dk/dv backward kernel
   attention_q_chunk: int = 1024  # query rows per attention block (0: one block, O(L^2) memory)
+  # How streams 1..7 are embedded (bagpiper.py, embed_rows): "lookup" (7 gathers; their gradients are
+  # scatter-adds, which sort the ids on TPU) or "matmul" (one multi-hot contraction with the codec blocks
+  # of the table: 2 x tokens x 7,175 x hidden more FLOPs, no sort; for TPU slices, see configs/bagpiper_8b.py).
+  codec_embedding: str = "lookup"
   loss_chunk_size: int = 1024  # sequence positions per loss chunk (never all logits at once)
   z_loss_weight: float = 0.0
   init_std: float = 0.02

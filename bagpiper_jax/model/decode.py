@@ -47,7 +47,8 @@ class BagpiperDecoder(Bagpiper):
 
   def prefill(self, batch):
     """Prompt rows (batch.py contract; loss_weights unused) -> (h [B, P, E], (k, v) [layers, B, P, K, D])."""
-    x, kv = self.layers(self.input_rows(batch), batch["positions"], batch["segment_ids"], None, None)
+    x, kv = self.layers(self.input_rows(batch), self.rotary(batch["positions"]), batch["segment_ids"],
+                        None, None)
     return self.norm(x), self._constrain_kv(kv)
 
   def step(self, input_ids, positions, cache, kv_mask, segment_ids=None):
@@ -57,7 +58,7 @@ class BagpiperDecoder(Bagpiper):
       segment_ids = jnp.ones(positions.shape, jnp.int32)
     x = nn.with_logical_constraint(self.embed_rows(input_ids), ("batch", "length", "embed"))
     cache = self._constrain_kv(cache)
-    x, kv = self.layers(x, positions, segment_ids, cache, kv_mask)
+    x, kv = self.layers(x, self.rotary(positions), segment_ids, cache, kv_mask)
     return self.base_logits(self.norm(x)), self._constrain_kv(kv)
 
   def base_logits(self, h):

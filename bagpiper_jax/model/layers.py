@@ -82,13 +82,21 @@ class Proj(nn.Module):
     return y
 
 
-def rope(x, positions, theta: float):
-  """Rotary embedding, half-split layout (as HF `rotate_half`). x: [B, L, H, D]; positions: [B, L]."""
-  d = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+def rope_table(positions, head_dim: int, theta: float):
+  """The rotary angles' (cos, sin), each [B, L, D/2] float32, for positions [B, L].
+
+  Computed once per forward pass, outside the layer scan, and broadcast to every layer: inside the
+  scanned (and rematerialised) layer, f32 sin/cos were the two largest kernels of the decoder's
+  forward on TPU (launch/README.md, compile time)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, D/2]
-  cos = jnp.cos(freqs)[:, :, None, :]
-  sin = jnp.sin(freqs)[:, :, None, :]
+  # The barrier keeps XLA from sinking the cheap-looking sin/cos back into the loop body.
+  return jax.lax.optimization_barrier((jnp.cos(freqs), jnp.sin(freqs)))
+
+
+def rope(x, table):
+  """Rotary embedding, half-split layout (as HF `rotate_half`). x: [B, L, H, D]; table: rope_table(...)."""
+  cos, sin = (t[:, :, None, :] for t in table)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -275,7 +283,7 @@ class Attention(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache=None):
+  def __call__(self, x, rotary, segment_ids, cache=None):
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     proj = functools.partial(Proj, dtype=dt, param_dtype=pdt)
@@ -287,8 +295,7 @@ class Attention(nn.Module):
     q, k, v = checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
     q = RMSNorm(cfg.rms_norm_eps, dt, pdt, axis_name="head_dim", name="q_norm")(q)
     k = RMSNorm(cfg.rms_norm_eps, dt, pdt, axis_name="head_dim", name="k_norm")(k)
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
+    q, k = rope(q, rotary), rope(k, rotary)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
     k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -338,7 +345,8 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
   """Pre-norm Qwen3 block. Signature (carry, broadcast...) -> (carry, None) for nn.scan.
 
-  With `decode`: (x, positions, segment_ids, cache, kv_mask) -> (x, (k, v) of the new rows), where
+  `rotary` = rope_table(positions, ...), computed once outside the scan.
+  With `decode`: (x, rotary, segment_ids, cache, kv_mask) -> (x, (k, v) of the new rows), where
   `cache` = this layer's (k_cache, v_cache) or None (prefill: attention as in training).
   """
 
@@ -346,7 +354,7 @@ class DecoderLayer(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache=None, kv_mask=None):
+  def __call__(self, x, rotary, segment_ids, cache=None, kv_mask=None):
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -355,9 +363,9 @@ class DecoderLayer(nn.Module):
     attn = Attention(cfg, self.decode, name="self_attn")
     kv = None
     if self.decode:
-      a, kv = attn(h, positions, segment_ids, None if cache is None else (*cache, kv_mask))
+      a, kv = attn(h, rotary, segment_ids, None if cache is None else (*cache, kv_mask))
     else:
-      a = attn(h, positions, segment_ids)
+      a = attn(h, rotary, segment_ids)
     x = x + a
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
     x = x + MLP(cfg, name="mlp")(h)
@@ -426,9 +434,9 @@ def remat_policy(name: str, save: str = "", offload: str = ""):
 def scanned_decoder_layers(cfg: ModelConfig, decode: bool = False):
   """DecoderLayer stacked on a leading 'layers' axis and run with nn.scan (compile time flat in depth).
 
-  Instantiate as `scanned_decoder_layers(cfg)(cfg, name="layers")`; call `(x, positions, segment_ids)`.
+  Instantiate as `scanned_decoder_layers(cfg)(cfg, name="layers")`; call `(x, rope_table(positions, ...), segment_ids)`.
   Decode (generation): `scanned_decoder_layers(cfg, decode=True)(cfg, decode=True)`, called
-  `(x, positions, segment_ids, cache, kv_mask)` with cache = (k, v) [layers, B, S, K, D] or None;
+  `(x, rotary, segment_ids, cache, kv_mask)` with cache = (k, v) [layers, B, S, K, D] or None;
   returns (x, (k, v) [layers, B, T, K, D] of the new rows). Same parameters, no remat.
   """
   if decode:
