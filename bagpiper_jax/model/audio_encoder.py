@@ -111,6 +111,19 @@ def _layer_norm(name, dtype, param_dtype):
                       bias_init=_zeros(("norm",)), name=name)
 
 
+class _ProjParams(nn.Module):
+  """The kernel and bias of a Proj over the last input axis, returned unapplied."""
+
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self):
+    return (self.param("kernel", _init(self.axes), self.shape, self.param_dtype),
+            self.param("bias", _zeros(self.axes[1:]), self.shape[1:], self.param_dtype))
+
+
 class EncoderAttention(nn.Module):
   """Bidirectional MHA with biases; `mask` [N, 1, S, S] bool says which keys each query may see."""
 
@@ -125,12 +138,13 @@ class EncoderAttention(nn.Module):
     if cfg.d_model % h:
       raise ValueError(f"audio encoder d_model {cfg.d_model} is not divisible by num_heads {h}")
     d = cfg.d_model // h
-    proj = functools.partial(Proj, (h, d), _init(("enc_embed", "enc_heads", "enc_head_dim")),
-                             bias_init=_zeros(("enc_heads", "enc_head_dim")), dtype=self.dtype,
-                             param_dtype=self.param_dtype)
-    q = proj(name="q_proj")(x)
-    k = proj(name="k_proj")(x)
-    v = proj(name="v_proj")(x)
+    # q, k and v as one matmul over the three kernels stacked (same parameters as three Proj).
+    params = [_ProjParams((x.shape[-1], h, d), ("enc_embed", "enc_heads", "enc_head_dim"), self.param_dtype,
+                          name=f"{n}_proj")() for n in "qkv"]
+    kernel = jnp.stack([p[0] for p in params], axis=1).astype(self.dtype)  # [E, 3, H, D]
+    bias = jnp.stack([p[1] for p in params]).astype(self.dtype)  # [3, H, D]
+    qkv = jnp.einsum("bse,ethd->tbshd", x.astype(self.dtype), kernel) + bias[:, None, None]
+    q, k, v = qkv[0], qkv[1], qkv[2]
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
