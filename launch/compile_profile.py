@@ -1,6 +1,8 @@
 r"""Where a TPU compile spends its time: per-kernel backend cost of the AOT-compiled train step, by part.
 
   python -m launch.compile_profile --config=configs/bagpiper_8b.py:pretrain --topology=v5p-128
+  python -m launch.compile_profile --config=configs/bagpiper_8b.py:pretrain --topology=v5p-128 \
+      -- --config.data.max_audio_windows=0       # config overrides for aot_compile go after `--`
   python -m launch.compile_profile --log=mt/libtpu.log --dump=mt/dump     # a run made elsewhere (MaxText)
 
 For a train step, libtpu's HLO passes take seconds; the backend (lowering every fusion to LLO, then
