@@ -144,16 +144,27 @@ def test_grad_accumulation_equals_one_big_batch(pretrain_run):
   c2.optim.grad_accum_steps = 2
   big = next(pretrain_run.it)
   halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
-  _, _, p0, a1, l1 = _run(pretrain_run, 1, batches=[[big]])
+  _, state1, p0, a1, l1 = _run(pretrain_run, 1, batches=[[big]])
   s2 = trainer.Setup(c2, pretrain_run.mesh)  # only its A=2 train step is compiled
   state, m = s2.train_step(pretrain_run.fresh_state(), s2.host_to_device(halves))
   a2, l2 = _flat(state.params), [(float(m["loss"]), float(m["grad_norm"]))]
   assert l1[0][0] == pytest.approx(l2[0][0], rel=1e-6)  # loss
   assert l1[0][1] == pytest.approx(l2[0][1], rel=1e-5)  # gradient norm (Adam hides a scale error)
-  lr = float(optim.make_schedule(c2)(0))
+  # The gradients themselves, element by element: Adam's first moment after one step is (1 - b1) g.
+  g1, g2 = (_flat(optax.tree_utils.tree_get(s.opt_state, "mu")) for s in (state1, state))
+  for k in g1:
+    np.testing.assert_allclose(g2[k], g1[k], rtol=1e-5, atol=1e-6 * np.abs(g1[k]).max(), err_msg=k)
+  # The updates: the first Adam update is lr * g / (|g| + eps), ~lr * sign(g). Where |g| is near eps it
+  # amplifies float32 rounding in g by up to 1 / eps (two correct sums differ there), so compare
+  # where |g| > 100 eps; the gradients above cover every element.
+  lr, eps = float(optim.make_schedule(c2)(0)), float(c2.optim.eps)
   for k in a1:
-    # the first Adam update is ~lr * sign(g); allow 0.1% of lr where |g| is near eps
-    np.testing.assert_allclose(a1[k] - p0[k], a2[k] - p0[k], atol=1e-3 * lr, rtol=0, err_msg=k)
+    if k not in g1:  # frozen (no optimizer state): unchanged in both runs
+      np.testing.assert_array_equal(a1[k], a2[k], err_msg=k)
+      continue
+    sure = np.abs(g1[k]) / (1.0 - float(c2.optim.b1)) > 100 * eps
+    assert sure.sum() >= 0.5 * (g1[k] != 0).sum(), k  # most elements with a gradient are compared
+    np.testing.assert_allclose((a1[k] - p0[k])[sure], (a2[k] - p0[k])[sure], atol=1e-3 * lr, rtol=0, err_msg=k)
 
 
 def test_nonfinite_step_is_dropped_and_remembered(pretrain_run):
