@@ -176,9 +176,9 @@ def test_minimal_policy_saves_the_named_projections():
   cfg = tiny_model_config(remat_policy="minimal_with_context")
   layer = layers.DecoderLayer(cfg)
   x = jnp.ones((1, 8, cfg.hidden_size))
-  pos, seg = layers.rope_table(jnp.arange(8)[None], cfg.head_dim, cfg.rope_theta), jnp.ones((1, 8), jnp.int32)
-  p = layer.init(jax.random.PRNGKey(0), x, pos, seg)
-  f = jax.checkpoint(lambda p, x: layer.apply(p, x, pos, seg)[0].sum(),
+  rot, seg = layers.rope_table(jnp.arange(8)[None], cfg.head_dim, cfg.rope_theta), jnp.ones((1, 8), jnp.int32)
+  p = layer.init(jax.random.PRNGKey(0), x, rot, seg)
+  f = jax.checkpoint(lambda p, x: layer.apply(p, x, rot, seg)[0].sum(),
                      policy=layers.remat_policy("minimal_with_context"))
   buf = io.StringIO()
   with contextlib.redirect_stdout(buf):
