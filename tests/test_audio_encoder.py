@@ -223,8 +223,8 @@ def test_bf16_and_remat_smoke(params):
 def test_bf16_gelu_rounds_once_as_torch():
   """On bf16 input torch's GELU computes in float32 and rounds once; so does ours. Where float32 erf
   agrees (|x| < 2.5 here) the results are bit-equal; further out float32 erf implementations differ
-  (1 + erf(x) cancels for x < -3), by at most one bf16 ulp or 1e-6. (Scaling by
-  sqrt(1/2) rounded to bf16, as this function once did, is off by up to 1/256 for |x| < 1.)"""
+  (1 + erf(x) cancels for x < -3), by at most one bf16 ulp or 1e-6. (The former
+  form, bf16 arithmetic with sqrt(1/2) rounded to 0.70703125, was off by up to 1/256 for |x| < 1 here.)"""
   x = np.random.RandomState(0).randn(100_000).astype(np.float32) * 3
   ref = torch.nn.functional.gelu(torch.from_numpy(x).to(torch.bfloat16))
   ordered = lambda bits: np.where(bits < 0, -32768 - bits, bits)  # bf16 bit patterns -> ulp steps

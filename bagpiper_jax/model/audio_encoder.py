@@ -49,8 +49,8 @@ def _exact_gelu(x):
   """torch's exact GELU, in its own erf form: x/2 (1 + erf(x/sqrt 2)). (jax.nn.gelu's exact form
   goes through erfc, whose TPU expansion is several times larger: on v5p-128 the encoder's two
   conv+gelu fusions took 760k of the step's 8.5M backend instructions; launch/README.md.)"""
-  # In float32 and rounded once, as torch's kernel does for bf16 input (sqrt(1/2) rounded to bf16
-  # would be 0.70703125 and move the erf argument by 1e-4 relative).
+  # In float32 and rounded once, as torch's kernel does for bf16 input (in bf16 arithmetic sqrt(1/2)
+  # itself rounds to 0.70703125, and XLA:CPU rounds every intermediate; tests/test_audio_encoder.py).
   xf = x.astype(jnp.float32)
   return (0.5 * xf * (1 + jax.lax.erf(xf * np.float32(np.sqrt(0.5))))).astype(x.dtype)
 
