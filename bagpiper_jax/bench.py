@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bagpiper_jax import backends, config_lib, metrics, sharding, trainer
+from bagpiper_jax import backends, config_lib, metrics, profiling, sharding, trainer
 from bagpiper_jax.convert import params_io, release, safetensors_io
 from bagpiper_jax.convert import rules as rules_lib
 from bagpiper_jax.data import template
@@ -82,6 +82,9 @@ _ACCUM = flags.DEFINE_integer("accum", 0, "Micro-batches per optimizer step (0: 
 _SEPARATE = flags.DEFINE_bool("separate_processes", False, "Run each side in its own process (GPU: "
                               "each framework gets the whole memory); the sides start from different "
                               "random weights, so no first-step loss comparison.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "After the timed steps, trace 2 more jax steps into this "
+                                   "directory (jax.profiler, with a perfetto trace) and print where the device "
+                                   "time went (profiling.summarize_trace).")
 _RESULT_JSON = flags.DEFINE_string("result_json", "", "Write this process's measurements as JSON.")
 _PEAK = flags.DEFINE_float("peak_flops", 0.0, "FLOP/s to report against (0: this process's device); a "
                            "--separate_processes parent passes its device's peak to the sides it starts.")
@@ -169,8 +172,10 @@ def _timed_interleaved(fns: list, steps: int) -> list[list[float]]:
   return out
 
 
-def bench_jax(config, micro_batches: list[dict], steps: int, keep_params: bool = True) -> dict:
-  """Compiles and runs our step once; times `steps` more unless steps == 0 (then r['step'] is the step)."""
+def bench_jax(config, micro_batches: list[dict], steps: int, keep_params: bool = True,
+              profile_dir: str = "") -> dict:
+  """Compiles and runs our step once; times `steps` more unless steps == 0 (then r['step'] is the step).
+  With `profile_dir`, then traces 2 more steps there and prints profiling.summarize_trace."""
   mesh = sharding.make_mesh(config, devices=jax.devices()[:1])
   s = trainer.Setup(config, mesh)
   state = s.layout.fresh_state()
@@ -186,6 +191,11 @@ def bench_jax(config, micro_batches: list[dict], steps: int, keep_params: bool =
   compile_s = time.perf_counter() - t0
   first_loss = box["loss"]
   times = _timed(step, steps) if steps else []
+  if profile_dir:
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for _ in range(2):
+        step()
+    print(profiling.summarize_trace(profile_dir, steps=2), flush=True)
   return {"times": times, "compile_s": compile_s, "first_loss": first_loss, "params": params, "step": step}
 
 
@@ -449,7 +459,7 @@ def main(argv):
     both = not _SKIP_JAX.value and not _SKIP_TORCH.value
     steps = 0 if both else _STEPS.value  # both sides: timed interleaved below
     if not _SKIP_JAX.value:
-      j = bench_jax(config, micro, steps, keep_params=not _SKIP_TORCH.value)
+      j = bench_jax(config, micro, steps, keep_params=not _SKIP_TORCH.value, profile_dir=_PROFILE_DIR.value)
       params = j.pop("params")
       results.append(("bagpiper_jax train step", j))
     if not _SKIP_TORCH.value:

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The real-chip number: one NVIDIA GPU (H100), JAX with CUDA + flax, optax, orbax, torch, transformers.
 #
-#   bash launch/gpu_bench.sh                # ~6-8 minutes; one summary block at the end
+#   bash launch/gpu_bench.sh                # ~8-10 minutes; one summary block at the end
 #
 # 1. python -m launch.gpu_check: the GPU attention kernels (cuDNN through jax.nn.dot_product_attention,
 #    Pallas/Triton) against the XLA path at the bench shape, values + gradients, and their speed; the
@@ -10,6 +10,9 @@
 #    of 4,096, 4 micro-batches per step; jax (fastest passing attention kernel from 1) and torch
 #    (transformers Qwen3Model, sdpa, bf16 autocast) each in its own process; MFU against the chip's
 #    dense bf16 peak and the jax / torch tokens/s ratio.
+# 3. The best point measured so far (remat minimal, 2 rows per micro-batch), jax side only, with
+#    --profile_dir: 2 steps traced, then where the GPU time went (busy fraction, kernel kinds, largest
+#    kernels; bagpiper_jax/profiling.py summarize_trace). The trace stays in $OUT/profile.
 #
 # Pure-python wheels the GPU image may lack (ml_collections, tensorboardX) are taken from tmp/gpu_site
 # when it exists; make it on a machine with the registry, then carry it:
@@ -50,8 +53,13 @@ echo "== 2. bench preset h100 (attention $ATTN)"
 timeout 360 python -m bagpiper_jax.bench --preset=h100 --attention="$ATTN" --steps=5 --separate_processes 2>&1 \
   | grep -v "^[IW][0-9]\{4\}" | tee "$OUT/gpu_bench.log"
 
+echo "== 3. profile of the best point so far (remat minimal, 2 rows per micro-batch)"
+timeout 300 python -m bagpiper_jax.bench --preset=h100 --attention="$ATTN" --remat=minimal --rows=2 --steps=3 \
+  --skip_torch --profile_dir="$OUT/profile" 2>&1 | grep -v "^[IW][0-9]\{4\}" | tee "$OUT/gpu_profile.log"
+
 echo
 echo "================ SUMMARY ($(date -u +%F), $(( $(date +%s) - T0 )) s) ================"
 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1
 grep -E "^(attention|best attention|torch peer)" "$OUT/gpu_check.log"
 grep -E "^(preset|peak|bagpiper_jax|torch Qwen3|jax compile|RATIO)" "$OUT/gpu_bench.log"
+grep -E "^(bagpiper_jax|RATIO jax / peak|profile|  )" "$OUT/gpu_profile.log"

@@ -71,6 +71,55 @@ def test_profile_steps_flag():
       profiling.parse_steps(bad)
 
 
+def _gpu_like_trace() -> list:
+  """Chrome-trace events shaped like a GPU profile: kernels on two streams, plus derived lines that
+  repeat the same time (XLA Ops, XLA Modules) and a host process."""
+  meta = lambda kind, pid, name, tid=0: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}
+  x = lambda tid, name, ts, dur, **args: {"ph": "X", "pid": 2, "tid": tid, "name": name, "ts": ts, "dur": dur,
+                                          "args": args}
+  return [
+      meta("process_name", 1, "/host:CPU"), meta("process_name", 2, "/device:GPU:0"),
+      meta("thread_name", 2, "Stream #13(Compute)", 10), meta("thread_name", 2, "Stream #14(Compute)", 11),
+      meta("thread_name", 2, "XLA Ops", 12), meta("thread_name", 2, "XLA Modules", 13),
+      {"ph": "X", "pid": 1, "tid": 1, "name": "PjitFunction(train_step)", "ts": 0, "dur": 500},
+      x(10, "sm90_xmma_gemm_bf16bf16_bf16f32", 0, 50), x(10, "loop_add_fusion", 60, 20),
+      x(10, "mha_forward", 80, 30), x(11, "ncclDevKernel_AllReduce_Sum_f32", 100, 20),
+      x(12, "dot.1", 0, 50), x(13, "jit_train_step", 0, 120),
+  ]
+
+
+def test_profile_summary_counts_device_kernels_once():
+  """bench --profile_dir's summary: only the stream lines of the device count (the derived XLA Ops /
+  Modules lines repeat their time), overlapping streams count once in the busy fraction, kernels are
+  grouped by kind."""
+  out = profiling.summarize_events(_gpu_like_trace(), steps=2)
+  print(out)
+  assert "/device:GPU:0, lines Stream #13(Compute), Stream #14(Compute)" in out
+  # Busy: [0, 50] + [60, 80] + [80, 110] + [110, 120] = 110 of a 120 us span; 4 kernels over 2 steps.
+  assert "span 0.1 ms (0.1 ms/step); a kernel running 91.7% of it (idle 8.3%" in out
+  assert "2 kernels/step, mean 30.0 us" in out
+  kinds = dict(re.findall(r"^    (\S.*?)\s+[\d.]+ ms\s+([\d.]+)%$", out, re.MULTILINE))
+  assert kinds == {"matmul": "41.7", "attention": "25.0", "collective": "16.7",
+                   "other (elementwise, reductions)": "16.7"}, kinds
+  assert profiling.kernel_kind("cudnn_generated_fort_native_sdpa_sm90") == "attention"
+  assert profiling.kernel_kind("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "matmul"
+  assert profiling.kernel_kind("input_reduce_fusion_3") == "other (elementwise, reductions)"
+  # A TPU-like trace has no streams: its 'XLA Ops' line is the one that counts.
+  tpu = [e for e in _gpu_like_trace() if e.get("tid") not in (10, 11)]
+  assert "lines XLA Ops" in profiling.summarize_events(tpu, steps=1)
+  assert "no device in the trace" in profiling.summarize_events(tpu[:1] + tpu[6:7], steps=1)
+
+
+def test_bench_profile_dir_writes_and_summarizes_a_trace(tmp_path):
+  """On this CPU host the trace has no device lines; the point is that the trace is written and read."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  p = subprocess.run([sys.executable, "-m", "bagpiper_jax.bench", "--preset=tiny", "--steps=1", "--skip_torch",
+                      f"--profile_dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "profile: no device in the trace" in p.stdout, p.stdout
+  assert glob.glob(str(tmp_path / "plugins" / "profile" / "*" / "perfetto_trace.json.gz"))
+
+
 def test_saved_executable_runs_like_the_jitted_step(tmp_path):
   """aot_compile --save_compiled for this host's CPU devices, loaded by trainer.Setup through
   config.compiled_train_step: same state and loss as the jitted step, and a wrong shape is refused."""
