@@ -7,6 +7,9 @@ The trace starts after step N-1 has finished and stops once step M's results are
 exactly steps N..M (dispatch, device execution, collectives, host input). Step 1 includes
 compilation: start at 2 or later to see the steady state. Every process traces its own devices
 (files per host). Traces are large: a few steps are enough.
+
+`summarize_trace` prints where the device time went, as text, from a trace written with a perfetto
+file (`bagpiper_jax.bench --profile_dir`, launch/gpu_bench.sh): for machines without TensorBoard.
 """
 
 from __future__ import annotations
@@ -140,6 +143,8 @@ def device_kernels(events: list) -> tuple[list, str]:
 
 
 def summarize_events(events: list, steps: int, top: int = 12) -> str:
+  """Text summary of a trace's Chrome/perfetto events covering `steps` steps: span, busy share, kernels
+  per step, time by kernel kind (KERNEL_KINDS) and the `top` largest kernels (total over the steps)."""
   kernels, where = device_kernels(events)
   if not kernels:
     return f"profile: {where}"
