@@ -48,6 +48,7 @@ def get_config(arg: str = "pretrain"):
   # c.model keeps the 8B defaults: vocab 160392 = 256 specials + 151936 text + 8 x 1025 codec.
   c.model.attention_impl = "splash"  # TPU Pallas flash attention with segment ids (use "xla" elsewhere)
   c.model.codec_embedding = "matmul"  # no scatter-add sorts in the embedding gradient (model/config.py)
+  c.model.lm_head_grad_per_row = True  # one [E, V] gradient reduction per step, not per loss chunk
   c.data.seq_len = 20_000 if c.stage == "sft" else 8192
   c.data.max_audio_windows = 32
   c.mesh.ici = dict(data=1, fsdp=-1, tensor=1, sequence=1)

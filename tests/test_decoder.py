@@ -225,11 +225,14 @@ def _jnp_reference_loss(logits, batch, cfg):
   return total / jnp.maximum(jnp.sum((wt[..., 0] > 0).astype(jnp.float32)), 1.0)
 
 
-def test_fused_loss_gradients_equal_autodiff_of_full_logits():
+@pytest.mark.parametrize("per_row", [False, True])
+def test_fused_loss_gradients_equal_autodiff_of_full_logits(per_row):
   """The loss's forward-pass gradients (custom VJP) against jax.grad of the loss written on all logits.
   Chunks of 7 positions (the last one padded) and a z-loss weight, so every term is exercised; 2 rows
-  (the second weighted differently), so the lm_head gradient's per-row accumulation must be summed."""
-  cfg = dataclasses.replace(tiny_model_config(), loss_chunk_size=7, z_loss_weight=1e-2)
+  (the second weighted differently), so a per-row lm_head gradient (model.lm_head_grad_per_row) must be
+  summed over the rows."""
+  cfg = dataclasses.replace(tiny_model_config(), loss_chunk_size=7, z_loss_weight=1e-2,
+                            lm_head_grad_per_row=per_row)
   batch = _mixed_batch(cfg)
   batch = {k: np.concatenate([v, v]) for k, v in batch.items()}
   batch["loss_weights"][1] *= np.linspace(0.1, 1.0, batch["loss_weights"].shape[1])[:, None]

@@ -103,6 +103,11 @@ class ModelConfig:
   # of the table: 2 x tokens x 7,175 x hidden more FLOPs, no sort; for TPU slices, see configs/bagpiper_8b.py).
   codec_embedding: str = "lookup"
   loss_chunk_size: int = 1024  # sequence positions per loss chunk (never all logits at once)
+  # The lm_head gradient of the chunked loss (loss.py): False sums each chunk over rows and positions;
+  # True keeps it per row ([rows, E, V] float32) and sums the rows once after the chunk loop, so on a
+  # sharded batch the [E, V] cross-device reduction runs once per loss call instead of once per chunk
+  # (for TPU slices, see configs/bagpiper_8b.py; on one device it only costs memory).
+  lm_head_grad_per_row: bool = False
   z_loss_weight: float = 0.0
   init_std: float = 0.02
 

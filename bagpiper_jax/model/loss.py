@@ -14,10 +14,11 @@ Gradients are made in the forward pass, chunk by chunk (a custom VJP, like the r
 fused linear cross-entropy): each chunk's logits feed its CE sums and, at once, d/dlogits, from which
 d/dh (a [chunk, V] x [V, E] matmul) and the lm_head / offset gradients are accumulated. The backward
 pass only scales them by the incoming cotangent, so the logits matmul runs once per chunk instead of
-twice (forward + rematerialisation): 3 lm_head-sized matmuls per position instead of 4. The lm_head
-gradient is accumulated per row ([B, E, V] float32, sharded like the batch: rows-per-device x E x V
-x 4 bytes, 2.45 GiB per row for the 8B) and summed over the rows once, so the cross-device reduction
-of that [E, V] gradient happens once per loss call, not once per chunk (launch/README.md).
+twice (forward + rematerialisation): 3 lm_head-sized matmuls per position instead of 4. With
+`model.lm_head_grad_per_row` the lm_head gradient is accumulated per row ([B, E, V] float32, sharded
+like the batch: rows-per-device x E x V x 4 bytes, 2.45 GiB per row for the 8B) and summed over the
+rows once, so the cross-device reduction of that [E, V] gradient happens once per loss call, not
+once per chunk (launch/README.md); otherwise each chunk is summed over rows and positions at once.
 """
 
 from __future__ import annotations
@@ -142,23 +143,28 @@ def _loss_scan(h, lm_kernel, stream_offsets, targets, weights, cfg: ModelConfig,
     sums, _ = jax.lax.scan(body, _zero_sums(s), (hc, tc, wc))
     return sums, None
 
+  v = lm_kernel.shape[1]
+  per_row = cfg.lm_head_grad_per_row
+  w_spec, w_shape = ("bev", (b, e, v)) if per_row else ("ev", (e, v))
+  w_axes = ("batch", None, "vocab") if per_row else ("embed", "vocab")
+
   def body(acc, xs):
     sums, d_w, d_off0, d_offc = acc
     h_c, t_c, w_c = xs
     cs_sums, d_base, g0, gc = _chunk_terms(h_c, kernel, text_off, codec_off, t_c, w_c, cfg, True)
     d_base = d_base.astype(h.dtype)
     d_h = jnp.einsum("blv,ev->ble", d_base, kernel, preferred_element_type=jnp.float32).astype(h.dtype)
-    # Kept per row: contracting the rows here would add an [E, V] reduction across the devices holding
-    # the batch to every chunk (8 per 8,192-position row at chunk 1,024); summed once after the loop.
-    d_w = d_w + jnp.einsum("ble,blv->bev", h_c, d_base, preferred_element_type=jnp.float32)
-    d_w = nn.with_logical_constraint(d_w, ("batch", None, "vocab"))
+    # Per row (cfg.lm_head_grad_per_row): contracting the rows here adds an [E, V] reduction across
+    # the devices holding the batch to every chunk (8 per 8,192-position row at chunk 1,024).
+    d_w = d_w + jnp.einsum(f"ble,blv->{w_spec}", h_c, d_base, preferred_element_type=jnp.float32)
+    d_w = nn.with_logical_constraint(d_w, w_axes)
     return (jax.tree.map(jnp.add, sums, cs_sums), d_w, d_off0 + g0, d_offc + gc), d_h
 
-  v = lm_kernel.shape[1]
-  init = (_zero_sums(s), nn.with_logical_constraint(jnp.zeros((b, e, v), jnp.float32), ("batch", None, "vocab")),
+  init = (_zero_sums(s), nn.with_logical_constraint(jnp.zeros(w_shape, jnp.float32), w_axes),
           jnp.zeros((v,), jnp.float32), jnp.zeros(codec_off.shape, jnp.float32))
   (sums, d_w, d_off0, d_offc), d_h = jax.lax.scan(body, init, (hc, tc, wc))
-  d_w = nn.with_logical_constraint(jnp.sum(d_w, axis=0), ("embed", "vocab"))  # one reduction per call
+  if per_row:
+    d_w = nn.with_logical_constraint(jnp.sum(d_w, axis=0), ("embed", "vocab"))  # one reduction per call
   d_h = jnp.moveaxis(d_h, 0, 1).reshape(b, -1, e)[:, :l]
   d_off = jnp.zeros(stream_offsets.shape, jnp.float32).at[0].set(d_off0).at[1:, cs:].set(d_offc)
   return sums, (d_h, d_w, d_off)
