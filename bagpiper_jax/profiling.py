@@ -129,17 +129,16 @@ def device_kernels(events: list) -> tuple[list, str]:
   if not devices:
     return [], "no device in the trace (on CPU, XLA runs on host threads)"
   pid = devices[0]
+  line = lambda e: threads.get((pid, e["tid"]), "")
   mine = [e for e in events if e.get("ph") == "X" and e.get("pid") == pid and "dur" in e]
-  lines = collections.Counter(threads.get((pid, e["tid"]), "") for e in mine)
+  lines = {line(e) for e in mine}
   for want in ("Stream", "XLA Ops"):
-    chosen = [name for name in lines if name.startswith(want)]
-    if chosen:
+    keep = {name for name in lines if name.startswith(want)}
+    if keep:
       break
   else:
-    chosen = [name for name in lines if not re.search(r"Modules|Steps|Framework|Source", name)]
-  keep = set(chosen)
-  return ([e for e in mine if threads.get((pid, e["tid"]), "") in keep],
-          f"{procs[pid]}, lines {', '.join(sorted(keep))}")
+    keep = {name for name in lines if not re.search(r"Modules|Steps|Framework|Source", name)}
+  return [e for e in mine if line(e) in keep], f"{procs[pid]}, lines {', '.join(sorted(keep))}"
 
 
 def summarize_events(events: list, steps: int, top: int = 12) -> str:
