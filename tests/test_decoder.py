@@ -408,6 +408,23 @@ def test_compile_size_does_not_grow_with_depth():
   assert sizes[1] < 1.05 * sizes[0], sizes
 
 
+def test_scan_unroll_keeps_parameters_loss_and_gradients():
+  """model.scan_unroll (layers per scan iteration; a GPU speed knob) changes the program, not the model:
+  the same parameter tree, loss and gradients as the flat scan."""
+  batch = _text_batch(np.arange(300, 316, dtype=np.int32)[None])
+  batch["loss_weights"][..., 0] = 1.0
+  out = []
+  for unroll in (1, 2):
+    cfg = tiny_model_config(num_layers=4, scan_unroll=unroll, remat_policy="minimal_with_context")
+    params = _init(tiny_model_config(num_layers=4), batch)
+    out.append(jax.value_and_grad(lambda p: Bagpiper(cfg).apply({"params": p}, batch)[0])(params))
+  assert jax.tree.structure(out[0][1]) == jax.tree.structure(out[1][1])
+  assert out[0][0] > 1.0 and float(jnp.abs(out[0][1]["layers"]["mlp"]["down_proj"]["kernel"]).max()) > 0
+  np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[0][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_traces_under_a_mesh_with_logical_rules():
   """Every logical constraint and boxed param init has the rank it names (no DenseGeneral reshape)."""
   from bagpiper_jax import sharding  # pylint: disable=g-import-not-at-top

@@ -98,10 +98,13 @@ class ModelConfig:
   attention_impl: str = "xla"
   attention_fused_bwd: bool = False  # splash: one fused dq/dk/dv backward kernel
   attention_q_chunk: int = 1024  # query rows per attention block (0: one block, O(L^2) memory)
+  # pallas_gpu kernel blocks "q,k,q_dkv,kv_dkv,q_dq,kv_dq" ('': layers.PALLAS_GPU_BLOCKS); launch/gpu_check.py
+  attention_blocks: str = ""
   # How streams 1..7 are embedded (bagpiper.py, embed_rows): "lookup" (7 gathers; their gradients are
   # scatter-adds, which sort the ids on TPU) or "matmul" (one multi-hot contraction with the codec blocks
   # of the table: 2 x tokens x 7,175 x hidden more FLOPs, no sort; for TPU slices, see configs/bagpiper_8b.py).
   codec_embedding: str = "lookup"
+  scan_unroll: int = 1  # decoder layers per iteration of the training step's layer scan (1: flat in depth)
   loss_chunk_size: int = 1024  # sequence positions per loss chunk (never all logits at once)
   # The lm_head gradient of the chunked loss (loss.py): False sums each chunk over rows and positions;
   # True keeps it per row ([rows, E, V] float32) and sums the rows once after the chunk loop, so on a

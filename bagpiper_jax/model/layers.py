@@ -5,7 +5,7 @@ The mapping of names onto a mesh lives in `bagpiper_jax/sharding.py`, never here
 
 Rematerialisation. The decoder layer tags its matmul outputs with `jax.ad_checkpoint.checkpoint_name`,
 spelled as MaxText does so its remat recipes carry over: `decoder_layer_input`, `query_proj`,
-`key_proj`, `value_proj`, `context` (attention output; for splash the kernel's own residuals),
+`key_proj`, `value_proj`, `context` (attention output; with a kernel, its residuals too),
 `out_proj`, `mlpwi_0` (gate), `mlpwi_1` (up), `mlpwo` (down). `model.remat_policy` picks what the
 backward pass keeps (`REMAT_POLICIES`, `NAMED_POLICIES`), `model.remat_save` adds names and
 `model.remat_offload` moves named values to host memory (`pinned_host`) instead of keeping them in
@@ -245,10 +245,26 @@ def dot_product_attend(q, k, v, segment_ids, *, implementation: str = "cudnn"):
                                       implementation=implementation)
 
 
-# Pallas GPU kernel blocks: forward (block_q x block_k) and the two backward kernels. Head dim 128
-# on an H100 with bf16; see launch/gpu_bench.sh for the measured effect.
-PALLAS_GPU_BLOCKS = gpu_attention.BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_kv_dkv=64,
+# Pallas GPU kernel blocks: forward (block_q x block_k) and the backward kernel's dk/dv and dq loops.
+# The fastest of launch/gpu_check.py's set for head dim 128, bf16, 1 x 4,096 packed, 16/8 heads
+# (H200, 2026-11-27: fwd+bwd 1.19 ms; block_k=64 1.36 ms; launch/README.md "On a GPU").
+PALLAS_GPU_BLOCKS = gpu_attention.BlockSizes(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=64,
                                              block_q_dq=64, block_kv_dq=64)
+
+
+def pallas_gpu_blocks(spec: str) -> gpu_attention.BlockSizes:
+  """`model.attention_blocks` ("q,k,q_dkv,kv_dkv,q_dq,kv_dq"; '' = PALLAS_GPU_BLOCKS) as BlockSizes."""
+  if not spec:
+    return PALLAS_GPU_BLOCKS
+  try:
+    sizes = [int(x) for x in spec.split(",")]
+  except ValueError:
+    sizes = []
+  if len(sizes) != 6 or any(b <= 0 or b & (b - 1) for b in sizes):
+    raise ValueError(f"model.attention_blocks={spec!r}: expected 6 powers of two "
+                     "'block_q,block_k,block_q_dkv,block_kv_dkv,block_q_dq,block_kv_dq'")
+  names = ("block_q", "block_k", "block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq")
+  return gpu_attention.BlockSizes(**dict(zip(names, sizes)))
 
 
 def pallas_gpu_attend(q, k, v, segment_ids, *, interpret: bool = False,
@@ -312,7 +328,8 @@ class Attention(nn.Module):
       elif impl == "cudnn":
         out = dot_product_attend(q, k, v, segment_ids)
       elif impl in ("pallas_gpu", "pallas_gpu_interpret"):
-        out = pallas_gpu_attend(q, k, v, segment_ids, interpret=impl == "pallas_gpu_interpret")
+        out = pallas_gpu_attend(q, k, v, segment_ids, interpret=impl == "pallas_gpu_interpret",
+                                blocks=pallas_gpu_blocks(cfg.attention_blocks))
       else:
         raise ValueError(f"unknown model.attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
       out = checkpoint_name(out.astype(dt), "context")
@@ -324,6 +341,7 @@ class Attention(nn.Module):
 
 
 ATTENTION_IMPLS = ("xla", "splash", "splash_interpret", "cudnn", "pallas_gpu", "pallas_gpu_interpret")
+GPU_KERNELS = ("cudnn", "pallas_gpu", "pallas_gpu_interpret")  # each a jax.custom_vjp (remat_policy)
 
 
 class MLP(nn.Module):
@@ -407,12 +425,23 @@ def _names(csv: str, what: str) -> tuple[str, ...]:
   return names
 
 
-def remat_policy(name: str, save: str = "", offload: str = ""):
+def _saving_kernel_residuals(policy):
+  """`policy`, and also the outputs of every `jax.custom_vjp` call in the layer: the GPU attention
+  kernel's call (the policy sees it as one primitive), so its residuals (output, logsumexp) are kept
+  and the forward kernel does not rerun in the backward pass."""
+  def saves(prim, *avals, **params):
+    return prim.name == "custom_vjp_call" or policy(prim, *avals, **params)
+  return saves
+
+
+def remat_policy(name: str, save: str = "", offload: str = "", attention_impl: str = "xla"):
   """The jax.checkpoint policy of `name` (a REMAT_POLICIES or NAMED_POLICIES key).
 
   `save` (comma-separated checkpoint names) adds names to a named policy; `offload` names values to
   move to host memory (`pinned_host`) in the forward pass and back for the backward pass, instead of
-  keeping them in HBM (save) or recomputing them.
+  keeping them in HBM (save) or recomputing them. Saving "context" with a GPU attention kernel
+  (`attention_impl` in GPU_KERNELS) keeps the kernel's residuals too, so, as with splash (whose kernel
+  tags them itself), its forward kernel never reruns.
   """
   known = sorted(REMAT_POLICIES) + sorted(NAMED_POLICIES)
   if name not in REMAT_POLICIES and name not in NAMED_POLICIES:
@@ -425,10 +454,14 @@ def remat_policy(name: str, save: str = "", offload: str = ""):
     return REMAT_POLICIES[name]
   saved = tuple(n for n in dict.fromkeys(NAMED_POLICIES[name] + save_names) if n not in offload_names)
   if not offload_names:
-    return jax.checkpoint_policies.save_only_these_names(*saved)
-  return jax.checkpoint_policies.save_and_offload_only_these_names(
-      names_which_can_be_saved=saved, names_which_can_be_offloaded=offload_names,
-      offload_src="device", offload_dst="pinned_host")
+    policy = jax.checkpoint_policies.save_only_these_names(*saved)
+  else:
+    policy = jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=saved, names_which_can_be_offloaded=offload_names,
+        offload_src="device", offload_dst="pinned_host")
+  if "context" in saved and attention_impl in GPU_KERNELS:
+    policy = _saving_kernel_residuals(policy)
+  return policy
 
 
 def scanned_decoder_layers(cfg: ModelConfig, decode: bool = False):
@@ -444,7 +477,7 @@ def scanned_decoder_layers(cfg: ModelConfig, decode: bool = False):
                    in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})
   layer = DecoderLayer
-  policy = remat_policy(cfg.remat_policy, cfg.remat_save, cfg.remat_offload)
+  policy = remat_policy(cfg.remat_policy, cfg.remat_save, cfg.remat_offload, cfg.attention_impl)
   if cfg.remat_policy != "none":
     layer = nn.remat(layer, policy=policy, prevent_cse=False)
   return nn.scan(
@@ -453,5 +486,6 @@ def scanned_decoder_layers(cfg: ModelConfig, decode: bool = False):
       split_rngs={"params": True},
       in_axes=(nn.broadcast, nn.broadcast),
       length=cfg.num_layers,
+      unroll=cfg.scan_unroll,
       metadata_params={nn.PARTITION_NAME: "layers"},
   )
