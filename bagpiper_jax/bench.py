@@ -3,7 +3,7 @@ r"""Train-step throughput against a PyTorch peer doing the same work, measured i
   python -m bagpiper_jax.bench                           # CPU: 'small' decoder, 4 x 512 packed tokens
   python -m bagpiper_jax.bench --preset=tiny --steps=5
   python -m bagpiper_jax.bench --generate           # decoding instead (bench_generate, below)
-  python -m bagpiper_jax.bench --preset=h100             # one NVIDIA GPU: ~2B decoder, bf16, 2 x 4096
+  python -m bagpiper_jax.bench --preset=h100             # one NVIDIA GPU: ~2B decoder, bf16, 4 x 1 x 4096
 
 Both sides train the same Bagpiper step on the same packed batch, starting from the same weights:
   jax     bagpiper_jax's jitted train step (trainer.Setup: loss, grads, clip, AdamW; no audio in the
@@ -63,7 +63,7 @@ PRESETS = {
                   loss_chunk=512, accum=1),
     # ~2.1B parameters (1.4B in the 28 layers; Qwen3-1.7B's decoder with our 160,392-id vocabulary).
     "h100": dict(text_vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
-                 num_kv_heads=8, head_dim=128, rows=1, seq_len=4096, dtype="bfloat16", attention="cudnn",
+                 num_kv_heads=8, head_dim=128, rows=1, seq_len=4096, dtype="bfloat16", attention="pallas_gpu",
                  loss_chunk=1024, accum=4),
 }
 
@@ -173,30 +173,33 @@ def _timed_interleaved(fns: list, steps: int) -> list[list[float]]:
 
 
 def bench_jax(config, micro_batches: list[dict], steps: int, keep_params: bool = True,
-              profile_dir: str = "") -> dict:
-  """Compiles and runs our step once; times `steps` more unless steps == 0 (then r['step'] is the step).
-  With `profile_dir`, then traces 2 more steps there and prints profiling.summarize_trace."""
+              profile_dir: str = "", profile_top: int = 12) -> dict:
+  """Compiles our step ahead of time and runs it once; times `steps` more unless steps == 0 (then
+  r['step'] is the step). With `profile_dir`, then traces 2 more steps there and prints
+  profiling.summarize_trace. r['device_bytes']: the compiled program's device memory."""
   mesh = sharding.make_mesh(config, devices=jax.devices()[:1])
   s = trainer.Setup(config, mesh)
   state = s.layout.fresh_state()
   params = jax.device_get(state.params) if keep_params else None
   box = {"state": state}
   dev_batch = s.host_to_device(micro_batches)
+  t0 = time.perf_counter()
+  compiled = s.train_step.lower(state, dev_batch).compile()
+  compile_s = time.perf_counter() - t0
 
   def step():
-    box["state"], m = s.train_step(box["state"], dev_batch)
+    box["state"], m = compiled(box["state"], dev_batch)
     box["loss"] = float(m["loss"])  # waits for the step
-  t0 = time.perf_counter()
   step()
-  compile_s = time.perf_counter() - t0
   first_loss = box["loss"]
   times = _timed(step, steps) if steps else []
   if profile_dir:
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
       for _ in range(2):
         step()
-    print(profiling.summarize_trace(profile_dir, steps=2), flush=True)
-  return {"times": times, "compile_s": compile_s, "first_loss": first_loss, "params": params, "step": step}
+    print(profiling.summarize_trace(profile_dir, steps=2, top=profile_top), flush=True)
+  return {"times": times, "compile_s": compile_s, "first_loss": first_loss, "params": params, "step": step,
+          "device_bytes": metrics.compiled_device_bytes(compiled)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +488,8 @@ def main(argv):
   jax_rows = [n for n, _ in results if n.startswith("bagpiper_jax")]
   torch_rows = [n for n, _ in results if n.startswith("torch")]
   if jax_rows:
-    print(f"jax compile (first step): {dict(results)[jax_rows[0]]['compile_s']:.1f} s")
+    j = dict(results)[jax_rows[0]]
+    print(f"jax compile: {j['compile_s']:.1f} s; the program's device memory {j['device_bytes'] / 2**30:.2f} GiB")
     print(f"RATIO jax / peak        : {rate[jax_rows[0]] / peak:.3f}" + ("  (MFU)" if dev.platform != "cpu" else ""))
   if jax_rows and matmul_rate:
     print(f"RATIO jax / measured bf16 matmul: {rate[jax_rows[0]] / matmul_rate:.3f}")

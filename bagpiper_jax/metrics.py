@@ -86,6 +86,16 @@ def train_flops_per_step(cfg: ModelConfig, *, rows: int, seq_len: int, audio_win
   return rows * (seq_len * per_pos + audio_windows * encoder_flops_per_window(cfg))
 
 
+def compiled_device_bytes(compiled) -> int:
+  """Device memory a compiled program holds while it runs: arguments + outputs - aliased (donated)
+  + temporaries + code (`compiled.memory_analysis()`; 0 where the backend gives none)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return 0
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+             + m.generated_code_size_in_bytes)
+
+
 _MEASURED_PEAK: dict[str, float] = {}
 
 

@@ -215,7 +215,7 @@ def memory_report(compiled, chip: topology_lib.Chip, abstract_state=None, abstra
       "temps": int(m.temp_size_in_bytes),
       "code": int(m.generated_code_size_in_bytes),
   }
-  r["total"] = r["arguments"] + r["outputs"] - r["aliased"] + r["temps"] + r["code"]
+  r["total"] = metrics.compiled_device_bytes(compiled)
   # Host memory (pinned_host): offloaded activations / optimizer state; per device, like the rest.
   host = {k: int(getattr(m, f"host_{k}_size_in_bytes", 0) or 0)
           for k in ("argument", "output", "alias", "temp")}

@@ -9,11 +9,14 @@ r"""GPU checks before the GPU benchmark (run by launch/gpu_bench.sh; needs one N
    time. A kernel passes when its error is within bf16 rounding (max |diff| / max |ref| < 2e-2).
 2. The torch peer of bagpiper_jax.bench against the jax step on the GPU: a small model, same weights,
    same packed batch, bf16: the first-step losses must agree (to bf16 accuracy).
-Prints one line per check and writes them to --json; the fastest passing kernel is `best_attention`.
+   pallas_gpu is also checked and timed with the --blocks sizes (model.attention_blocks values).
+Prints one line per check and writes them to --json; the fastest passing kernel is `best_attention`
+(and `best_blocks`, its model.attention_blocks, '' for the default).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import traceback
@@ -28,6 +31,10 @@ from bagpiper_jax.model import ModelConfig, layers
 
 _JSON = flags.DEFINE_string("json", "", "Write the results here.")
 _LEN = flags.DEFINE_integer("attention_len", 4096, "Length of the attention check (one packed row).")
+_BLOCKS = flags.DEFINE_string(
+    "blocks", "128,64,64,64,64,64;128,128,32,64,64,32;128,128,64,128,128,64;64,64,32,64,64,32",
+    "Other pallas_gpu block sizes to check and time beside layers.PALLAS_GPU_BLOCKS: model.attention_blocks "
+    "values separated by ';'.")
 
 
 def _packed_segments(l: int, rng) -> np.ndarray:
@@ -39,7 +46,9 @@ def _packed_segments(l: int, rng) -> np.ndarray:
   return seg
 
 
-def check_attention(l: int, h: int = 16, k: int = 8, d: int = 128) -> dict:
+def check_attention(l: int, h: int = 16, k: int = 8, d: int = 128, blocks: tuple[str, ...] = ()) -> dict:
+  """Each kernel's errors and fwd+bwd time; `blocks`: pallas_gpu again with these block sizes
+  (entries "pallas_gpu:<blocks>")."""
   rng = np.random.default_rng(0)
   q, kk, v = (jnp.asarray(rng.normal(size=(1, l, n, d)), jnp.bfloat16) for n in (h, k, k))
   seg = jnp.asarray(_packed_segments(l, rng))
@@ -51,6 +60,10 @@ def check_attention(l: int, h: int = 16, k: int = 8, d: int = 128) -> dict:
   impls = {"cudnn": lambda a, b, c: layers.dot_product_attend(a, b, c, seg),
            "pallas_gpu": lambda a, b, c: layers.pallas_gpu_attend(a, b, c, seg),
            "xla": lambda a, b, c: layers.attend(a, b, c, seg, q_chunk=1024)}
+  for spec in blocks:
+    impls[f"pallas_gpu:{spec}"] = functools.partial(
+        lambda a, b, c, sizes: layers.pallas_gpu_attend(a, b, c, seg, blocks=sizes),
+        sizes=layers.pallas_gpu_blocks(spec))
   out = {}
   for name, f in impls.items():
     try:
@@ -92,17 +105,20 @@ def main(argv):
   dev = jax.devices()[0]
   res = {"device": dev.device_kind, "platform": dev.platform}
   print(f"gpu_check on {dev.device_kind} ({dev.platform})", flush=True)
-  res["attention"] = check_attention(_LEN.value)
+  res["attention"] = check_attention(_LEN.value, blocks=tuple(b for b in _BLOCKS.value.split(";") if b))
   for name, r in res["attention"].items():
     if "error" in r:
-      print(f"attention {name:10s}: FAILED {r['error']}", flush=True)
+      print(f"attention {name:10s}: FAILED {r['error'][:200]}", flush=True)
     else:
       print(f"attention {name:10s}: {'ok  ' if r['ok'] else 'BAD '} max rel err "
             + ", ".join(f"{k} {v:.2e}" for k, v in r["max_rel_err"].items())
             + f"; fwd+bwd {r['fwd_bwd_ms']:.2f} ms (1 x {_LEN.value}, 16/8 heads x 128, bf16)", flush=True)
   passing = {k: r for k, r in res["attention"].items() if r.get("ok")}
-  res["best_attention"] = min(passing, key=lambda k: passing[k]["fwd_bwd_ms"]) if passing else "xla"
-  print(f"best attention kernel: {res['best_attention']}", flush=True)
+  best = min(passing, key=lambda k: passing[k]["fwd_bwd_ms"]) if passing else "xla"
+  # The kernel (model.attention_impl) and, for pallas_gpu, its blocks (model.attention_blocks; '' = default).
+  res["best_attention"], _, res["best_blocks"] = best.partition(":")
+  print(f"best attention kernel: {res['best_attention']}"
+        + (f" with blocks {res['best_blocks']}" if res["best_blocks"] else ""), flush=True)
   try:
     res["torch_peer"] = check_torch_peer()
     r = res["torch_peer"]

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from jax.ad_checkpoint import print_saved_residuals
+from jax.extend import core as jax_core
 
 from bagpiper_jax import bench, profiling, sharding, trainer
 from bagpiper_jax.model import Bagpiper, ModelConfig, layers
@@ -25,7 +26,7 @@ from bagpiper_jax.synthetic import SyntheticIterator
 from conftest import tiny_model_config
 from configs import bagpiper_8b
 from configs.tiny import for_tests as tiny_train_config
-from launch import aot_compile, sweep
+from launch import aot_compile, gpu_sweep, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -237,6 +238,35 @@ def test_minimal_policy_saves_the_named_projections():
     assert f"named '{name}'" in saved, saved
 
 
+def _pallas_calls(jaxpr) -> int:
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == "pallas_call"
+    n += sum(_pallas_calls(sub) for sub in jax_core.jaxprs_in_params(eqn.params))
+  return n
+
+
+def test_saving_context_keeps_the_gpu_kernels_residuals():
+  """With a GPU attention kernel, a policy that saves "context" keeps the kernel's residuals: the
+  backward pass runs 2 kernels (dq/dk/dv and its preprocessing), not the forward kernel again; the
+  gradients are the same as with "minimal" (which reruns it) and without remat."""
+  cfg = tiny_model_config(attention_impl="pallas_gpu_interpret")
+  layer = layers.DecoderLayer(cfg)
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 8, cfg.hidden_size))
+  rot, seg = layers.rope_table(jnp.arange(8)[None], cfg.head_dim, cfg.rope_theta), jnp.ones((1, 8), jnp.int32)
+  p = layer.init(jax.random.PRNGKey(0), x, rot, seg)
+  f = lambda p, x: jnp.sum(layer.apply(p, x, rot, seg)[0] ** 2)
+  kernels, grads = {}, {}
+  for name in ("none", "minimal", "minimal_with_context"):
+    g = f if name == "none" else jax.checkpoint(f, policy=layers.remat_policy(name, attention_impl=cfg.attention_impl))
+    kernels[name] = _pallas_calls(jax.make_jaxpr(jax.grad(g, argnums=(0, 1)))(p, x).jaxpr)
+    grads[name] = jax.grad(g, argnums=(0, 1))(p, x)
+  assert kernels == {"none": 3, "minimal": 4, "minimal_with_context": 3}, kernels
+  for name in ("minimal", "minimal_with_context"):
+    for a, b in zip(jax.tree.leaves(grads[name]), jax.tree.leaves(grads["none"])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=name)
+
+
 def _qkv(l=200, h=4, k=2, d=16, seed=5):
   rng = np.random.default_rng(seed)
   return tuple(jnp.asarray(rng.normal(size=(1, l, n, d)), jnp.float32) for n in (h, k, k))
@@ -247,8 +277,13 @@ def test_pallas_gpu_kernel_equals_xla_attention():
   padding rows and a length that is not a block multiple (GQA: 4 query heads on 2 KV heads)."""
   q, k, v = _qkv()
   seg = jnp.asarray([[1] * 90 + [2] * 100 + [0] * 10], jnp.int32)
-  blocks = layers.gpu_attention.BlockSizes(block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=32,
-                                           block_q_dq=32, block_kv_dq=32)
+  blocks = layers.pallas_gpu_blocks("64,64,32,32,32,32")  # model.attention_blocks
+  assert blocks == layers.gpu_attention.BlockSizes(block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=32,
+                                                   block_q_dq=32, block_kv_dq=32)
+  assert layers.pallas_gpu_blocks("") == layers.PALLAS_GPU_BLOCKS
+  for bad in ("64,64", "64,64,32,32,32,48", "a,b,c,d,e,f"):
+    with pytest.raises(ValueError, match="model.attention_blocks"):
+      layers.pallas_gpu_blocks(bad)
   f_ref = lambda q, k, v: layers.attend(q, k, v, seg)
   f_gpu = lambda q, k, v: layers.pallas_gpu_attend(q, k, v, seg, interpret=True, blocks=blocks)
   np.testing.assert_allclose(f_gpu(q, k, v), f_ref(q, k, v), atol=2e-5)
@@ -332,3 +367,17 @@ def test_8b_slice_presets():
   assert sft.model.attention_fused_bwd and sft.data.per_device_batch == 1
   with pytest.raises(ValueError, match="no tuned settings"):
     bagpiper_8b.get_config("sft,v4-8")
+
+
+def test_gpu_sweep_points_are_bench_configs():
+  """launch/gpu_sweep.py's --point strings become the bench preset's config with those overrides."""
+  point = gpu_sweep.parse_point("remat=minimal_with_context,rows=4,attention=pallas_gpu,blocks=128/64/64/128/128/64,"
+                                "save=decoder_layer_input+mlpwo,accum=2,loss_chunk=512")
+  c = gpu_sweep.point_config("h100", point)
+  assert (c.model.remat_policy, c.data.per_device_batch, c.model.attention_impl, c.optim.grad_accum_steps,
+          c.model.loss_chunk_size) == ("minimal_with_context", 4, "pallas_gpu", 2, 512)
+  assert c.model.attention_blocks == "128,64,64,128,128,64"
+  assert c.model.remat_save == "decoder_layer_input,mlpwo"
+  ModelConfig.from_dict(c.model)  # a valid model config
+  with pytest.raises(ValueError, match="'rowz=2' is not key=value"):
+    gpu_sweep.parse_point("rowz=2")
