@@ -68,7 +68,7 @@ PTS=(--point="remat=minimal,rows=2,attention=$ATTN$B"                    # the 2
      --point="remat=minimal_with_context,rows=8,attention=$ATTN$B,unroll=28"
      --point="remat=minimal_with_context,rows=4,attention=cudnn,unroll=28")
 timeout $(( $(left) - 100 )) python -m launch.gpu_sweep --preset="$PRESET" --steps=4 "${PTS[@]}" \
-  --out="$OUT/gpu_sweep.jsonl" --profile_dir=/tmp/gpu_profile 2>&1 | quiet | tee "$OUT/gpu_sweep.log"
+  --out="$OUT/gpu_sweep.jsonl" --profile_dir="$OUT/profile" 2>&1 | quiet | tee "$OUT/gpu_sweep.log"
 
 echo "== 3. jax vs torch, bench preset h100 (attention $ATTN; $(left) s left)"
 timeout $(( $(left) - 5 )) python -m bagpiper_jax.bench --preset="$PRESET" --attention="$ATTN" --steps=4 \
