@@ -284,6 +284,10 @@ def test_pallas_gpu_kernel_equals_xla_attention():
   for bad in ("64,64", "64,64,32,32,32,48", "a,b,c,d,e,f"):
     with pytest.raises(ValueError, match="model.attention_blocks"):
       layers.pallas_gpu_blocks(bad)
+  cfg = tiny_model_config(attention_blocks="64,64,32,32,32,32")  # with the XLA path: not ignored silently
+  x, rot = jnp.ones((1, 8, cfg.hidden_size)), layers.rope_table(jnp.arange(8)[None], cfg.head_dim, cfg.rope_theta)
+  with pytest.raises(ValueError, match="model.attention_blocks.*attention_impl is 'xla'"):
+    layers.Attention(cfg).init(jax.random.PRNGKey(0), x, rot, jnp.ones((1, 8), jnp.int32))
   f_ref = lambda q, k, v: layers.attend(q, k, v, seg)
   f_gpu = lambda q, k, v: layers.pallas_gpu_attend(q, k, v, seg, interpret=True, blocks=blocks)
   np.testing.assert_allclose(f_gpu(q, k, v), f_ref(q, k, v), atol=2e-5)

@@ -316,6 +316,9 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
     impl = cfg.attention_impl
+    if cfg.attention_blocks and impl not in ("pallas_gpu", "pallas_gpu_interpret"):
+      raise ValueError(f"model.attention_blocks={cfg.attention_blocks!r} sets the pallas_gpu kernel's blocks; "
+                       f"model.attention_impl is {impl!r}")
     if cache is not None:
       out = attend_cached(q, k, v, segment_ids, *cache).astype(dt)
     elif impl in ("splash", "splash_interpret"):
