@@ -114,6 +114,15 @@ def bench_config(preset: str, *, remat: str = "none", rows: int = 0, seq_len: in
   return c
 
 
+def step_shape(config) -> tuple[int, int, int, int, float]:
+  """(rows per micro-batch, seq_len, micro-batches, tokens, model FLOPs) of one bench step: the FLOPs
+  every MFU here is measured against (metrics.train_flops_per_step, no audio)."""
+  cfg = ModelConfig.from_dict(config.model)
+  rows, seq, accum = int(config.data.per_device_batch), int(config.data.seq_len), int(config.optim.grad_accum_steps)
+  return rows, seq, accum, accum * rows * seq, metrics.train_flops_per_step(cfg, rows=accum * rows, seq_len=seq,
+                                                                          audio_windows=0)
+
+
 def _qwen3_fields(cfg: ModelConfig) -> dict:
   """transformers Qwen3Config arguments for the preset's decoder (both torch peers: training, decoding)."""
   return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -428,9 +437,7 @@ def main(argv):
   config = bench_config(_PRESET.value, remat=_REMAT.value, rows=_ROWS.value, seq_len=_SEQ.value,
                         attention=_ATTN.value, loss_chunk=_LOSS_CHUNK.value, accum=_ACCUM.value)
   cfg = ModelConfig.from_dict(config.model)
-  rows, seq, accum = int(config.data.per_device_batch), int(config.data.seq_len), int(config.optim.grad_accum_steps)
-  tokens = accum * rows * seq
-  flops = metrics.train_flops_per_step(cfg, rows=accum * rows, seq_len=seq, audio_windows=0)
+  rows, seq, accum, tokens, flops = step_shape(config)
   dev = jax.devices()[0]
   child = _PEAK.value > 0  # one side of a --separate_processes run (its JAX may be on the CPU: the torch side)
   if not child:

@@ -70,10 +70,9 @@ def point_config(preset: str, point: dict[str, str]):
 def run_point(preset: str, text: str, steps: int, peak: float, profile_dir: str = "") -> dict:
   config = point_config(preset, parse_point(text))
   cfg = ModelConfig.from_dict(config.model)
-  rows, seq, accum = int(config.data.per_device_batch), int(config.data.seq_len), int(config.optim.grad_accum_steps)
+  rows, seq, accum, tokens, flops = bench.step_shape(config)
   micro = [bench.packed_batch(cfg, rows, seq, seed=i) for i in range(accum)]
-  r = {"point": text, "tokens": accum * rows * seq,
-       "model_flops": metrics.train_flops_per_step(cfg, rows=accum * rows, seq_len=seq, audio_windows=0)}
+  r = {"point": text, "tokens": tokens, "model_flops": flops}
   j = bench.bench_jax(config, micro, steps, keep_params=False, profile_dir=profile_dir, profile_top=40)
   med = statistics.median(j["times"]) if j["times"] else float("nan")
   r.update(s_per_step=med, best=min(j["times"]) if j["times"] else med, compile_s=j["compile_s"],
