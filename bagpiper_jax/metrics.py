@@ -57,6 +57,21 @@ def decoder_flops_per_position(cfg: ModelConfig, seq_len: int) -> dict[str, floa
   }
 
 
+def attention_pairs_within_documents(segment_ids) -> float:
+  """The fraction of the FLOPs model's attention work that packed documents need: query-key pairs
+  (causal) of the same segment id, over the full-row causal pairs `decoder_flops_per_position`
+  counts. A kernel that skips the blocks between documents (attention_impl pallas_gpu_docs) does
+  about this much of it; MFU here always counts the full rows (as MaxText's does)."""
+  seg = np.asarray(segment_ids)
+  l = seg.shape[-1]
+  rows = seg.reshape(-1, l)
+  within = 0
+  for r in rows:
+    _, counts = np.unique(r, return_counts=True)
+    within += int(np.sum(counts * (counts + 1) // 2))
+  return within / (rows.shape[0] * l * (l + 1) / 2)
+
+
 def encoder_flops_per_window(cfg: ModelConfig) -> float:
   """Forward FLOPs of the audio encoder + adapter for one window of C chunks of 100 mel frames."""
   enc = cfg.audio_encoder

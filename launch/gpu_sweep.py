@@ -72,7 +72,8 @@ def run_point(preset: str, text: str, steps: int, peak: float, profile_dir: str 
   cfg = ModelConfig.from_dict(config.model)
   rows, seq, accum, tokens, flops = bench.step_shape(config)
   micro = [bench.packed_batch(cfg, rows, seq, seed=i) for i in range(accum)]
-  r = {"point": text, "tokens": tokens, "model_flops": flops}
+  r = {"point": text, "tokens": tokens, "model_flops": flops,
+       "attention_within_docs": metrics.attention_pairs_within_documents([m["segment_ids"] for m in micro])}
   j = bench.bench_jax(config, micro, steps, keep_params=False, profile_dir=profile_dir, profile_top=40)
   med = statistics.median(j["times"]) if j["times"] else float("nan")
   r.update(s_per_step=med, best=min(j["times"]) if j["times"] else med, compile_s=j["compile_s"],
@@ -86,7 +87,7 @@ def line(r: dict) -> str:
     return f"point {r['point']:55s} FAILED {r['error']}"
   return (f"point {r['point']:55s} {r['s_per_step']:7.4f} s/step | {r['tokens_per_s']:9.1f} tok/s | "
           f"{100 * r['mfu']:5.1f}% MFU | {r['device_gib']:6.2f} GiB | compile {r['compile_s']:5.1f} s | "
-          f"loss {r['first_loss']:.4f}")
+          f"loss {r['first_loss']:.4f} | attention within documents {100 * r['attention_within_docs']:.0f}%")
 
 
 def main(argv):
