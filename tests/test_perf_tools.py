@@ -246,11 +246,12 @@ def _pallas_calls(jaxpr) -> int:
   return n
 
 
-def test_saving_context_keeps_the_gpu_kernels_residuals():
+@pytest.mark.parametrize("impl", ["pallas_gpu_interpret", "pallas_gpu_docs_interpret"])
+def test_saving_context_keeps_the_gpu_kernels_residuals(impl):
   """With a GPU attention kernel, a policy that saves "context" keeps the kernel's residuals: the
-  backward pass runs 2 kernels (dq/dk/dv and its preprocessing), not the forward kernel again; the
-  gradients are the same as with "minimal" (which reruns it) and without remat."""
-  cfg = tiny_model_config(attention_impl="pallas_gpu_interpret")
+  backward pass runs 2 kernels (jax's: dq/dk/dv and its preprocessing; ours: dq, dk/dv), not the
+  forward kernel again; the gradients are the same as with "minimal" (which reruns it) and without remat."""
+  cfg = tiny_model_config(attention_impl=impl)
   layer = layers.DecoderLayer(cfg)
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 8, cfg.hidden_size))
   rot, seg = layers.rope_table(jnp.arange(8)[None], cfg.head_dim, cfg.rope_theta), jnp.ones((1, 8), jnp.int32)
@@ -309,12 +310,13 @@ def test_dot_product_attention_path_equals_xla_attention():
     np.testing.assert_allclose(a, b, atol=5e-5)
 
 
-def test_model_runs_with_the_pallas_gpu_interpret_path():
+@pytest.mark.parametrize("impl", ["pallas_gpu_interpret", "pallas_gpu_docs_interpret"])
+def test_model_runs_with_the_pallas_gpu_interpret_path(impl):
   cfg = tiny_model_config()
   batch = _batch(cfg, l=32)
   params = nn.meta.unbox(Bagpiper(cfg).init(jax.random.PRNGKey(0), batch)["params"])
   ref, _ = Bagpiper(cfg).apply({"params": params}, batch)
-  got, _ = Bagpiper(dataclasses.replace(cfg, attention_impl="pallas_gpu_interpret")).apply({"params": params}, batch)
+  got, _ = Bagpiper(dataclasses.replace(cfg, attention_impl=impl)).apply({"params": params}, batch)
   np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
 
 

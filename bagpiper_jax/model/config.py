@@ -94,11 +94,11 @@ class ModelConfig:
   remat_policy: str = "nothing_saveable"
   remat_save: str = ""  # comma-separated checkpoint names saved on top of a named policy
   remat_offload: str = ""  # comma-separated checkpoint names moved to host memory (named policies)
-  # xla | splash (TPU Pallas) | cudnn (NVIDIA) | pallas_gpu (Triton) | *_interpret (CPU tests); layers.py
+  # xla | splash (TPU Pallas) | cudnn (NVIDIA) | pallas_gpu, pallas_gpu_docs (Triton) | *_interpret (CPU tests); layers.py
   attention_impl: str = "xla"
   attention_fused_bwd: bool = False  # splash: one fused dq/dk/dv backward kernel
   attention_q_chunk: int = 1024  # query rows per attention block (0: one block, O(L^2) memory)
-  # pallas_gpu kernel blocks "q,k,q_dkv,kv_dkv,q_dq,kv_dq" ('': layers.PALLAS_GPU_BLOCKS); launch/gpu_check.py
+  # pallas_gpu(_docs) kernel blocks "q,k,q_dkv,kv_dkv,q_dq,kv_dq" ('': layers.PALLAS_GPU_BLOCKS); launch/gpu_check.py
   attention_blocks: str = ""
   # How streams 1..7 are embedded (bagpiper.py, embed_rows): "lookup" (7 gathers; their gradients are
   # scatter-adds, which sort the ids on TPU) or "matmul" (one multi-hot contraction with the codec blocks

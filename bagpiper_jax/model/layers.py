@@ -18,6 +18,8 @@ Attention kernels (`model.attention_impl`), all with the same packed-row contrac
   cudnn               cuDNN flash attention through `jax.nn.dot_product_attention` (NVIDIA GPU)
   pallas_gpu          Pallas GPU (Triton) flash attention with segment ids (`pallas_gpu_interpret`:
                       the same kernel in the Pallas interpreter, CPU tests)
+  pallas_gpu_docs     ours (model/doc_attention.py): the same, but each block's loop skips the blocks
+                      between documents, and GQA without repeating K/V (`pallas_gpu_docs_interpret`)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
 from bagpiper_jax.model.config import ModelConfig
+from bagpiper_jax.model.doc_attention import doc_flash_attend, pad_to_blocks
 
 Dtype = jnp.dtype
 
@@ -277,13 +280,7 @@ def pallas_gpu_attend(q, k, v, segment_ids, *, interpret: bool = False,
   """
   b, l, h, d = q.shape
   g = h // k.shape[2]
-  blk = max(blocks.block_q, blocks.block_k, blocks.block_q_dkv, blocks.block_kv_dkv, blocks.block_q_dq,
-            blocks.block_kv_dq)
-  pad = (-l) % blk
-  if pad:
-    widen = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-    q, k, v = widen(q), widen(k), widen(v)
-    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+  q, k, v, segment_ids = pad_to_blocks(q, k, v, segment_ids, blocks)
   if g > 1:
     k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
   out = gpu_attention.mha(q, k, v, segment_ids.astype(jnp.int32), sm_scale=d ** -0.5, causal=True,
@@ -316,7 +313,7 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
     impl = cfg.attention_impl
-    if cfg.attention_blocks and impl not in ("pallas_gpu", "pallas_gpu_interpret"):
+    if cfg.attention_blocks and impl not in PALLAS_GPU_IMPLS:
       raise ValueError(f"model.attention_blocks={cfg.attention_blocks!r} sets the pallas_gpu kernel's blocks; "
                        f"model.attention_impl is {impl!r}")
     if cache is not None:
@@ -333,6 +330,9 @@ class Attention(nn.Module):
       elif impl in ("pallas_gpu", "pallas_gpu_interpret"):
         out = pallas_gpu_attend(q, k, v, segment_ids, interpret=impl == "pallas_gpu_interpret",
                                 blocks=pallas_gpu_blocks(cfg.attention_blocks))
+      elif impl in ("pallas_gpu_docs", "pallas_gpu_docs_interpret"):
+        out = doc_flash_attend(q, k, v, segment_ids, interpret=impl == "pallas_gpu_docs_interpret",
+                               blocks=pallas_gpu_blocks(cfg.attention_blocks))
       else:
         raise ValueError(f"unknown model.attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
       out = checkpoint_name(out.astype(dt), "context")
@@ -343,8 +343,9 @@ class Attention(nn.Module):
     return (out, (k, v)) if self.decode else out
 
 
-ATTENTION_IMPLS = ("xla", "splash", "splash_interpret", "cudnn", "pallas_gpu", "pallas_gpu_interpret")
-GPU_KERNELS = ("cudnn", "pallas_gpu", "pallas_gpu_interpret")  # each a jax.custom_vjp (remat_policy)
+PALLAS_GPU_IMPLS = ("pallas_gpu", "pallas_gpu_interpret", "pallas_gpu_docs", "pallas_gpu_docs_interpret")
+ATTENTION_IMPLS = ("xla", "splash", "splash_interpret", "cudnn") + PALLAS_GPU_IMPLS
+GPU_KERNELS = ("cudnn",) + PALLAS_GPU_IMPLS  # each a jax.custom_vjp (remat_policy)
 
 
 class MLP(nn.Module):
@@ -429,11 +430,12 @@ def _names(csv: str, what: str) -> tuple[str, ...]:
 
 
 def _saving_kernel_residuals(policy):
-  """`policy`, and also the outputs of every `jax.custom_vjp` call in the layer: the GPU attention
-  kernel's call (the policy sees it as one primitive), so its residuals (output, logsumexp) are kept
-  and the forward kernel does not rerun in the backward pass."""
+  """`policy`, and also the outputs of every `jax.custom_vjp` call and Pallas kernel in the layer: the
+  GPU attention kernel (the policy sees jax's and cuDNN's as one `custom_vjp_call`, ours,
+  model/doc_attention.py, as its forward `pallas_call`), so its residuals (output, logsumexp) are
+  kept and the forward kernel does not rerun in the backward pass."""
   def saves(prim, *avals, **params):
-    return prim.name == "custom_vjp_call" or policy(prim, *avals, **params)
+    return prim.name in ("custom_vjp_call", "pallas_call") or policy(prim, *avals, **params)
   return saves
 
 

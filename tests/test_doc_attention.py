@@ -1,0 +1,96 @@
+"""The document-skipping flash kernel (model/doc_attention.py) in the Pallas interpreter against
+`layers.attend`, values and gradients, and its block bounds."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bagpiper_jax import metrics
+from bagpiper_jax.model import doc_attention, layers
+
+BLOCKS = layers.pallas_gpu_blocks("32,16,16,32,32,16")  # unequal q/k blocks in every kernel
+
+
+def _qkv(b, l, h=4, k=2, d=16, seed=5):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.normal(size=(b, l, n, d)), jnp.float32) for n in (h, k, k))
+
+
+def _rows(*docs):
+  """Segment ids from per-row lists of (id, length) runs."""
+  return jnp.asarray([sum(([i] * n for i, n in row), []) for row in docs], jnp.int32)
+
+
+def _check(seg, atol=2e-5, gtol=1e-4, **kw):
+  q, k, v = _qkv(*seg.shape, **kw)
+  ref = lambda q, k, v: layers.attend(q, k, v, seg)
+  got = lambda q, k, v: doc_attention.doc_flash_attend(q, k, v, seg, blocks=BLOCKS, interpret=True)
+  np.testing.assert_allclose(got(q, k, v), ref(q, k, v), atol=atol)
+  w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)  # a cotangent with no symmetry
+  loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
+  for name, a, b in zip("qkv", jax.grad(loss(got), (0, 1, 2))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, atol=gtol, err_msg=f"d{name}")
+
+
+def test_equals_xla_attention_on_packed_rows():
+  """Two rows: several documents (lengths off the block grid), trailing padding (id 0), a length
+  that is not a block multiple (the kernel pads with id -1); GQA 4 query heads on 2 K/V heads."""
+  _check(_rows([(1, 7), (2, 40), (3, 33), (4, 50), (0, 14)],
+               [(1, 100), (2, 3), (3, 41)]))
+
+
+def test_equals_xla_attention_when_a_document_is_split():
+  """Ids need not be contiguous: a document in two runs (id 1 again after id 2) still sees both runs,
+  padding in the middle sees the other padding; bounds come from first/last occurrences."""
+  _check(_rows([(1, 20), (2, 30), (1, 25), (0, 9), (3, 30), (0, 14)]), h=2, k=2)
+
+
+def test_block_bounds_skip_the_blocks_between_documents():
+  seg = _rows([(1, 64), (2, 16), (3, 48)])  # documents at [0, 64), [64, 80), [80, 128)
+  kv_start, q_stop = doc_attention.block_bounds(seg, 32, 16)
+  # query blocks [0,32) [32,64) [64,96) [96,128): first keys 0, 0, 64, 80 -> key blocks of 16
+  np.testing.assert_array_equal(kv_start, [[0, 0, 4, 5]])
+  # key blocks of 16: the last query that sees them is 63 (blocks 0-3), 79 (4), 127 (5-7) -> q blocks of 32
+  np.testing.assert_array_equal(q_stop, [[2, 2, 2, 2, 3, 4, 4, 4]])
+  first, last = doc_attention.occurrence_bounds(_rows([(1, 3), (2, 2), (1, 2)]))
+  np.testing.assert_array_equal(first, [[0, 0, 0, 3, 3, 0, 0]])
+  np.testing.assert_array_equal(last, [[6, 6, 6, 4, 4, 6, 6]])
+
+
+def test_rejects_heads_that_do_not_group():
+  q, k, v = _qkv(1, 32, h=3, k=2)
+  with pytest.raises(ValueError, match="not a multiple"):
+    doc_attention.doc_flash_attend(q, k, v, jnp.ones((1, 32), jnp.int32), blocks=BLOCKS, interpret=True)
+
+
+def test_attention_pairs_within_documents_is_the_kernels_share_of_the_full_row_count():
+  """metrics.attention_pairs_within_documents: causal same-id pairs over the full-row causal pairs."""
+  assert metrics.attention_pairs_within_documents(np.ones((2, 6), np.int32)) == 1.0
+  # [1,1,2,2,2,0]: 3 + 6 + 1 pairs of 21
+  assert metrics.attention_pairs_within_documents([[1, 1, 2, 2, 2, 0]]) == pytest.approx(10 / 21)
+  # a split document counts as one id: [1,2,1] -> ids 1 (2 positions: 3 pairs) and 2 (1) of 6
+  assert metrics.attention_pairs_within_documents([[1, 2, 1]]) == pytest.approx(4 / 6)
+
+
+def test_kernels_lower_to_triton_for_cuda():
+  """On this CPU host the three kernels go through Pallas' Triton lowering for CUDA (jax.export with
+  platforms=["cuda"]): what only a GPU could catch before, short of Triton's own compile, is caught
+  here (an op Pallas cannot lower to Triton, a block shape it rejects). bf16, GQA 16/8 heads of 128."""
+  l, d = 512, 128
+  q = jax.ShapeDtypeStruct((1, l, 16, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, l, 8, d), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((1, l), jnp.int32)
+  f = lambda a, b, c, s: doc_attention.doc_flash_attend(a, b, c, s, blocks=layers.PALLAS_GPU_BLOCKS)
+  grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), (0, 1, 2)))
+  triton = "__gpu$xla.gpu.triton"
+  exported = jax.export.export(grad, platforms=["cuda"],
+                               disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(q, kv, kv, seg)
+  text = exported.mlir_module()
+  kernels = re.findall(r'name = "(doc_flash_\w+)"', text)
+  assert sorted(kernels) == ["doc_flash_dkv", "doc_flash_dq", "doc_flash_forward"], kernels
+  assert text.count(f"custom_call @{triton}") == 3
