@@ -5,7 +5,8 @@
 #   JAX_PLATFORMS=cpu PRESET=tiny bash launch/gpu_bench.sh   # a dry run of the script on a CPU
 #
 # 1. python -m launch.gpu_check: the GPU attention kernels (cuDNN through jax.nn.dot_product_attention,
-#    Pallas/Triton with its default and other block sizes) against the XLA path at the bench shape,
+#    jax's Pallas/Triton kernel and ours that skips the blocks between documents, each with its
+#    default and other block sizes) against the XLA path at the bench shape,
 #    values + gradients, and their fwd+bwd time; the torch peer's first-step loss against ours on the
 #    GPU (same weights, same batch, bf16). Picks the fastest passing kernel (and pallas blocks).
 # 2. python -m launch.gpu_sweep --preset=h100: the jax step at several settings in one process (remat
@@ -55,7 +56,7 @@ EOF
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 2>/dev/null
 
 echo "== 1. attention kernels and the torch peer on the GPU ($(left) s left)"
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 python -m launch.gpu_check --json="$OUT/gpu_check.json" 2>&1 \
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 python -m launch.gpu_check --json="$OUT/gpu_check.json" 2>&1 \
   | quiet | tee "$OUT/gpu_check.log"
 read -r ATTN BLOCKS < <(python -c "
 import json; r = json.load(open('$OUT/gpu_check.json'))
@@ -63,10 +64,9 @@ print(r['best_attention'], r.get('best_blocks', '').replace(',', '/') or '-')" 2
 B=""; if [ "$BLOCKS" != "-" ]; then B=",blocks=$BLOCKS"; fi
 
 echo "== 2. jax step settings (attention $ATTN${B:+, blocks $BLOCKS}; $(left) s left)"
-PTS=(--point="remat=minimal,rows=2,attention=$ATTN$B"                    # the 2026-11-26 H100 best
-     --point="remat=minimal_with_context,rows=4,attention=$ATTN$B,unroll=28"  # the 2026-11-27 H200 best
-     --point="remat=minimal_with_context,rows=8,attention=$ATTN$B,unroll=28"
-     --point="remat=minimal_with_context,rows=4,attention=cudnn,unroll=28")
+PTS=(--point="remat=minimal_with_context,rows=4,attention=pallas_gpu,blocks=128/128/64/64/64/64,unroll=28"  # the 2026-11-27 H200 best
+     --point="remat=minimal_with_context,rows=4,attention=pallas_gpu_docs,unroll=28"  # ours: skips the blocks between documents
+     --point="remat=minimal_with_context,rows=8,attention=$ATTN$B,unroll=28")
 timeout $(( $(left) - 100 )) python -m launch.gpu_sweep --preset="$PRESET" --steps=4 "${PTS[@]}" \
   --out="$OUT/gpu_sweep.jsonl" --profile_dir="$OUT/profile" 2>&1 | quiet | tee "$OUT/gpu_sweep.log"
 

@@ -4,12 +4,14 @@ r"""GPU checks before the GPU benchmark (run by launch/gpu_bench.sh; needs one N
 
 1. Attention kernels against the XLA path on the GPU, at the benchmark's shape (one packed row of
    4,096 positions holding several documents, 16 query / 8 KV heads of 128, bf16): the output and
-   the gradients of q, k, v of `layers.dot_product_attend` (cuDNN) and `layers.pallas_gpu_attend`
-   (Pallas/Triton) against `layers.attend` computed in float32; plus each kernel's forward+backward
+   the gradients of q, k, v of `layers.dot_product_attend` (cuDNN), `layers.pallas_gpu_attend`
+   (jax's Pallas/Triton kernel) and `doc_attention.doc_flash_attend` (ours, `pallas_gpu_docs`: skips
+   the blocks between documents) against `layers.attend` computed in float32; plus each kernel's forward+backward
    time. A kernel passes when its error is within bf16 rounding (max |diff| / max |ref| < 2e-2).
 2. The torch peer of bagpiper_jax.bench against the jax step on the GPU: a small model, same weights,
    same packed batch, bf16: the first-step losses must agree (to bf16 accuracy).
-   pallas_gpu is also checked and timed with the --blocks sizes (model.attention_blocks values).
+   pallas_gpu and pallas_gpu_docs are also checked and timed with the --blocks sizes
+   (model.attention_blocks values).
 Prints one line per check and writes them to --json; the fastest passing kernel is `best_attention`
 (and `best_blocks`, its model.attention_blocks, '' for the default).
 """
@@ -27,13 +29,14 @@ import numpy as np
 from absl import app, flags
 
 from bagpiper_jax import backends, bench
-from bagpiper_jax.model import ModelConfig, layers
+from bagpiper_jax.model import ModelConfig, doc_attention, layers
 
 _JSON = flags.DEFINE_string("json", "", "Write the results here.")
 _LEN = flags.DEFINE_integer("attention_len", 4096, "Length of the attention check (one packed row).")
 _BLOCKS = flags.DEFINE_string(
-    "blocks", "128,64,64,64,64,64;128,128,32,64,64,32;128,128,64,128,128,64;64,64,32,64,64,32",
-    "Other pallas_gpu block sizes to check and time beside layers.PALLAS_GPU_BLOCKS: model.attention_blocks "
+    "blocks", "128,64,64,64,64,64;128,128,32,64,64,32;64,64,32,64,64,32",
+    "Other pallas_gpu / pallas_gpu_docs block sizes to check and time beside layers.PALLAS_GPU_BLOCKS: "
+    "model.attention_blocks "
     "values separated by ';'.")
 
 
@@ -47,8 +50,8 @@ def _packed_segments(l: int, rng) -> np.ndarray:
 
 
 def check_attention(l: int, h: int = 16, k: int = 8, d: int = 128, blocks: tuple[str, ...] = ()) -> dict:
-  """Each kernel's errors and fwd+bwd time; `blocks`: pallas_gpu again with these block sizes
-  (entries "pallas_gpu:<blocks>")."""
+  """Each kernel's errors and fwd+bwd time; `blocks`: pallas_gpu and pallas_gpu_docs again with these
+  block sizes (entries "pallas_gpu:<blocks>", "pallas_gpu_docs:<blocks>")."""
   rng = np.random.default_rng(0)
   q, kk, v = (jnp.asarray(rng.normal(size=(1, l, n, d)), jnp.bfloat16) for n in (h, k, k))
   seg = jnp.asarray(_packed_segments(l, rng))
@@ -59,10 +62,15 @@ def check_attention(l: int, h: int = 16, k: int = 8, d: int = 128, blocks: tuple
   _, ref_g = ref_fn(q32, k32, v32)
   impls = {"cudnn": lambda a, b, c: layers.dot_product_attend(a, b, c, seg),
            "pallas_gpu": lambda a, b, c: layers.pallas_gpu_attend(a, b, c, seg),
+           "pallas_gpu_docs": lambda a, b, c: doc_attention.doc_flash_attend(a, b, c, seg,
+                                                                              blocks=layers.PALLAS_GPU_BLOCKS),
            "xla": lambda a, b, c: layers.attend(a, b, c, seg, q_chunk=1024)}
   for spec in blocks:
     impls[f"pallas_gpu:{spec}"] = functools.partial(
         lambda a, b, c, sizes: layers.pallas_gpu_attend(a, b, c, seg, blocks=sizes),
+        sizes=layers.pallas_gpu_blocks(spec))
+    impls[f"pallas_gpu_docs:{spec}"] = functools.partial(
+        lambda a, b, c, sizes: doc_attention.doc_flash_attend(a, b, c, seg, blocks=sizes),
         sizes=layers.pallas_gpu_blocks(spec))
   out = {}
   for name, f in impls.items():
@@ -115,7 +123,7 @@ def main(argv):
             + f"; fwd+bwd {r['fwd_bwd_ms']:.2f} ms (1 x {_LEN.value}, 16/8 heads x 128, bf16)", flush=True)
   passing = {k: r for k, r in res["attention"].items() if r.get("ok")}
   best = min(passing, key=lambda k: passing[k]["fwd_bwd_ms"]) if passing else "xla"
-  # The kernel (model.attention_impl) and, for pallas_gpu, its blocks (model.attention_blocks; '' = default).
+  # The kernel (model.attention_impl) and, for pallas_gpu(_docs), its blocks (model.attention_blocks; '' = default).
   res["best_attention"], _, res["best_blocks"] = best.partition(":")
   print(f"best attention kernel: {res['best_attention']}"
         + (f" with blocks {res['best_blocks']}" if res["best_blocks"] else ""), flush=True)
