@@ -79,4 +79,4 @@ echo "================ SUMMARY ($(date -u +%F), $(( $(date +%s) - T0 )) s) =====
 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1
 grep -E "^(attention|best attention|torch peer)" "$OUT/gpu_check.log"
 grep -E "^(gpu_sweep|point|best point|profile|  )" "$OUT/gpu_sweep.log"
-grep -E "^(preset|peak|matmul|bagpiper_jax|torch Qwen3|jax compile|RATIO)" "$OUT/gpu_bench.log"
+grep -E "^(preset|attention pairs|peak|matmul|bagpiper_jax|torch Qwen3|jax compile|RATIO)" "$OUT/gpu_bench.log"
