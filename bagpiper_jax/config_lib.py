@@ -84,6 +84,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.optim.weight_decay = 3e-7
   c.optim.clip_norm = 1.0
   c.optim.grad_accum_steps = 1
+  # Keep the optimizer state (Adam moments) in host memory (pinned_host) between steps; each step
+  # moves it to HBM for the update and back (train_state.StateLayout, train_step.train_step).
+  c.optim.offload_state = False
   if stage == "warmup":
     c.optim.lr, c.optim.warmup_steps, c.optim.schedule, c.optim.min_lr_ratio = 5e-4, 100, "constant", 1.0
     c.train_steps = 10_000

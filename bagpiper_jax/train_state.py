@@ -80,6 +80,11 @@ class StateLayout:
     opt_shardings = optax.tree_map_params(
         self.optimizer, lambda _, s: s, abs_opt, sh_t,
         transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding))
+    # Where the update runs (HBM); with optim.offload_state the state lives in host memory between steps.
+    self.opt_device_shardings = opt_shardings
+    self.offload_opt_state = bool(config.optim.offload_state)
+    if self.offload_opt_state:
+      opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     self.state_shardings = TrainState(step=rep, params=self.param_shardings, opt_state=opt_shardings,
                                       nonfinite={"count": rep, "first_step": rep})

@@ -9,7 +9,8 @@ The train step, in order (`train_step`):
   1. split params into trainable / frozen (optim.split; frozen = config.trainable.freeze + encoder);
   2. for each micro-batch: loss and grads of the TRAINABLE part only, weighted by its number of
      target positions (so accumulation equals one big batch);
-  3. AdamW update of the trainable part (optim.make_optimizer; frozen params have no opt state);
+  3. AdamW update of the trainable part (optim.make_optimizer; frozen params have no opt state;
+     with optim.offload_state the state comes from host memory for it and goes back after);
   4. if loss or grad norm is not finite, the update is dropped (state kept, `nonfinite` counted,
      the first such step remembered); the host stops or goes on per config.nan_policy.
 
@@ -75,8 +76,11 @@ def train_step(layout: StateLayout, state: TrainState, batch: Mapping[str, jax.A
       (sums, grads), _ = jax.lax.scan(body, zeros, batch)
     denom = jnp.maximum(sums["num_target_tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+    opt_state = state.opt_state
+    if layout.offload_opt_state:  # host memory -> HBM for the update (optim.offload_state)
+      opt_state = jax.device_put(opt_state, layout.opt_device_shardings)
     with jax.named_scope("optimizer"):  # names these ops in profiles and compile logs
-      updates, new_opt = layout.optimizer.update(grads, state.opt_state, trainable)
+      updates, new_opt = layout.optimizer.update(grads, opt_state, trainable)
       new_trainable = optax.apply_updates(trainable, updates)
     grad_norm = optax.global_norm(grads)
     loss = sums["loss"] / denom
@@ -87,7 +91,7 @@ def train_step(layout: StateLayout, state: TrainState, batch: Mapping[str, jax.A
     new_state = TrainState(
         step=step,
         params=keep(optim.merge(new_trainable, frozen), state.params),
-        opt_state=keep(new_opt, state.opt_state),
+        opt_state=_to_host(layout, keep(new_opt, opt_state)),
         nonfinite={"count": nf["count"] + (~ok).astype(jnp.int32),
                    "first_step": jnp.where((nf["first_step"] < 0) & ~ok, step, nf["first_step"])})
     metrics = {k: v / denom for k, v in sums.items() if k not in ("num_target_tokens", "tokens")}
@@ -96,6 +100,13 @@ def train_step(layout: StateLayout, state: TrainState, batch: Mapping[str, jax.A
                    finite=ok, nonfinite_count=new_state.nonfinite["count"],
                    nonfinite_first_step=new_state.nonfinite["first_step"])
     return new_state, metrics
+
+
+def _to_host(layout: StateLayout, opt_state):
+  """The updated optimizer state back to host memory when optim.offload_state (else unchanged)."""
+  if not layout.offload_opt_state:
+    return opt_state
+  return jax.device_put(opt_state, layout.state_shardings.opt_state)
 
 
 def eval_step(layout: StateLayout, params, batch):

@@ -195,10 +195,14 @@ def oom_summary(e: BaseException) -> str:
 # Reports.
 
 
-def _per_device_bytes(tree) -> int:
-  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard, to be safe)."""
+def _per_device_bytes(tree, host: bool | None = None) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard, to be safe);
+  host=True / False: only the leaves in pinned host memory / the others (optim.offload_state)."""
   total = 0
   for leaf in jax.tree.leaves(tree):
+    kind = getattr(leaf.sharding, "memory_kind", None)
+    if host is not None and (kind == "pinned_host") != host:
+      continue
     shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
     total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
   return total
@@ -226,7 +230,8 @@ def memory_report(compiled, chip: topology_lib.Chip, abstract_state=None, abstra
   r["fits"] = r["total"] <= r["hbm"]
   r["headroom"] = r["hbm"] - r["total"]
   if abstract_state is not None:
-    r["state_expected"] = _per_device_bytes(abstract_state)  # from the shardings, as a cross-check
+    r["state_expected"] = _per_device_bytes(abstract_state, host=False)  # from the shardings, a cross-check
+    r["state_host_expected"] = _per_device_bytes(abstract_state, host=True)
   if abstract_batch is not None:
     r["batch_expected"] = _per_device_bytes(abstract_batch)
   return r
@@ -308,8 +313,9 @@ def format_report(rep: dict) -> str:
     return "\n".join(out)
   out.append("  per-chip memory (compiled.memory_analysis):")
   out.append(f"    arguments {_gib(m['arguments'])}" + (
-      f"   (state shards {_gib(m['state_expected']).strip()}, batch shard {_gib(m['batch_expected']).strip()})"
-      if "state_expected" in m else ""))
+      f"   (state shards {_gib(m['state_expected']).strip()}"
+      + (f" + {_gib(m['state_host_expected']).strip()} in host memory" if m.get("state_host_expected") else "")
+      + f", batch shard {_gib(m['batch_expected']).strip()})" if "state_expected" in m else ""))
   out.append(f"    outputs   {_gib(m['outputs'])}")
   out.append(f"    aliased   {_gib(m['aliased'])}   (donated state reused in place)")
   out.append(f"    temps     {_gib(m['temps'])}")

@@ -16,6 +16,7 @@ Axes (the grid is their product; every value is a config override of the AOT com
   --loss_chunk  model.loss_chunk_size (positions per chunk of the multi-stream loss)
   --windows     data.max_audio_windows (audio-encoder windows per row: changes the work itself)
   --fused_bwd   model.attention_fused_bwd (splash: one fused backward kernel)
+  --offload_opt optim.offload_state (the Adam moments in pinned host memory between steps)
   --xla         named LIBTPU_INIT_ARGS sets (XLA_FLAG_SETS: scoped VMEM, collective overlap)
   --set         extra fixed overrides for every point, e.g. --set=optim.grad_accum_steps=2
 
@@ -70,6 +71,7 @@ def define_flags() -> None:
   flags.DEFINE_list("loss_chunk", [], "model.loss_chunk_size values.")
   flags.DEFINE_list("windows", [], "data.max_audio_windows values.")
   flags.DEFINE_list("fused_bwd", [], "model.attention_fused_bwd values (false,true).")
+  flags.DEFINE_list("offload_opt", [], "optim.offload_state values (false,true).")
   flags.DEFINE_list("xla", [], f"LIBTPU_INIT_ARGS sets: {sorted(XLA_FLAG_SETS)}.")
   flags.DEFINE_multi_string("set", [], "Fixed config override KEY=VALUE for every point.")
   flags.DEFINE_string("out", "", "JSON-lines results file (appended; finished points are skipped).")
@@ -92,7 +94,7 @@ def parse_remat(spec: str) -> dict[str, str]:
   return out
 
 
-def grid(remat, rows, loss_chunk, windows, fused_bwd, xla) -> list[dict[str, Any]]:
+def grid(remat, rows, loss_chunk, windows, fused_bwd, xla, offload_opt=()) -> list[dict[str, Any]]:
   """Points as {'overrides': {config key: value}, 'xla': flag-set name}, in a stable order."""
   axes = [
       [parse_remat(r) for r in remat] or [{}],
@@ -100,6 +102,7 @@ def grid(remat, rows, loss_chunk, windows, fused_bwd, xla) -> list[dict[str, Any
       [{"model.loss_chunk_size": v} for v in loss_chunk] or [{}],
       [{"data.max_audio_windows": v} for v in windows] or [{}],
       [{"model.attention_fused_bwd": v} for v in fused_bwd] or [{}],
+      [{"optim.offload_state": v} for v in offload_opt] or [{}],
   ]
   for x in xla:
     if x not in XLA_FLAG_SETS:
@@ -151,6 +154,7 @@ def summarize(rep: dict, hbm_fraction: float) -> dict:
       "remat": ov.get("model.remat_policy", "(config)"),
       "save": ov.get("model.remat_save", ""),
       "offload": ov.get("model.remat_offload", ""),
+      "offload_opt": str(ov.get("optim.offload_state", "")).lower() == "true",
       "rows": ov.get("data.per_device_batch", "(config)"),
       "loss_chunk": ov.get("model.loss_chunk_size", "(config)"),
       "windows": ov.get("data.max_audio_windows", "(config)"),
@@ -189,13 +193,14 @@ def format_table(rows: list[dict], hbm_fraction: float) -> str:
   out = [head, "|" + "---|" * 13]
   for r in rows:
     remat = r["remat"] + (f" +save {r['save']}" if r["save"] else "")
+    off = " + ".join(x for x in (r["offload"], "optimizer state" if r.get("offload_opt") else "") if x) or "-"
     if r["status"] != "ok" or "device_gib" not in r:
       status = {"oom": "XLA: out of memory", "error": "error"}.get(r["status"], r["status"])
-      out.append(f"| {remat} | {r['offload'] or '-'} | {r['rows']} | {r['loss_chunk']} | {r['fused_bwd']} | "
+      out.append(f"| {remat} | {off} | {r['rows']} | {r['loss_chunk']} | {r['fused_bwd']} | "
                  f"{r['xla']} | {status} | | | {r.get('exec_over_model', float('nan')):.3f} | "
                  f"{r.get('exec_per_token', float('nan')) / 1e9:.1f} | no | |")
       continue
-    out.append(f"| {remat} | {r['offload'] or '-'} | {r['rows']} | {r['loss_chunk']} | {r['fused_bwd']} | "
+    out.append(f"| {remat} | {off} | {r['rows']} | {r['loss_chunk']} | {r['fused_bwd']} | "
                f"{r['xla']} | {r['device_gib']:.2f} | {100 * r['used']:.1f} | {r['host_gib']:.2f} | "
                f"{r['exec_over_model']:.3f} | {r['exec_per_token'] / 1e9:.1f} | {'yes' if r['fits'] else 'no'} | "
                f"{r.get('compile_s', 0):.0f} |")
@@ -205,6 +210,7 @@ def format_table(rows: list[dict], hbm_fraction: float) -> str:
   else:
     out.append(f"\nchoice: remat {best['remat']}" + (f" +save {best['save']}" if best["save"] else "")
                + (f" +offload {best['offload']}" if best["offload"] else "")
+               + (" +optimizer state offloaded" if best.get("offload_opt") else "")
                + f", {best['rows']} rows/chip, loss chunk {best['loss_chunk']}, fused bwd {best['fused_bwd']}, "
                f"xla {best['xla']}: {best['device_gib']:.2f} GiB ({100 * best['used']:.1f}% of HBM), "
                f"executed/model {best['exec_over_model']:.3f}")
@@ -241,7 +247,7 @@ def main(argv):
   if not F.config or not F.topology:
     raise app.UsageError("--config and --topology are required (or --table=FILE)")
   topology_lib.parse(F.topology)  # bad names fail here, not in the first subprocess
-  points = grid(F.remat, F.rows, F.loss_chunk, F.windows, F.fused_bwd, F.xla)
+  points = grid(F.remat, F.rows, F.loss_chunk, F.windows, F.fused_bwd, F.xla, F.offload_opt)
   done = {r["key"]: r for r in read_results(F.out) if "key" in r}
   print(f"sweep: {len(points)} points on {F.topology} ({len(done)} already in {F.out or '-'})", flush=True)
   reps = []

@@ -291,6 +291,21 @@ def test_aot_compile_tiny_on_v5p_8():
 
 
 @needs_libtpu
+def test_offloaded_optimizer_state_is_host_memory_in_the_tpu_program():
+  """optim.offload_state for v5p-8: the Adam moments are host arguments of the compiled step, not HBM."""
+  from launch import aot_compile  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  c.optim.offload_state = True
+  rep = aot_compile.run(c, "v5p-8", assumed_mfu=0.4, config_name="configs/tiny.py")
+  m = rep["memory"]
+  assert m["state_host_expected"] > 0.6 * (m["state_expected"] + m["state_host_expected"])  # 2 moments of 3 copies
+  assert m["state_host_expected"] <= m["host_total"] <= 1.5 * m["state_host_expected"], m
+  expected = m["state_expected"] + m["batch_expected"]
+  assert expected <= m["arguments"] <= 1.5 * expected, m  # the device arguments: params, step, batch
+  assert "in host memory" in aot_compile.format_report(rep)
+
+
+@needs_libtpu
 def test_decode_step_compiles_for_a_tpu_slice():
   """The generation decode step (one loop iteration) for v5p-8, tiny model: memory report present,
   the KV cache split over the tensor axis when the KV heads divide it, CFG doubling the cache rows."""

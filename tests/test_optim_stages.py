@@ -8,7 +8,9 @@ import optax
 import pytest
 from flax import traverse_util
 
+from bagpiper_jax import checkpoint as ckpt_lib
 from bagpiper_jax import optim, sharding, train_loop, trainer
+from bagpiper_jax.data import slots as slots_lib
 from bagpiper_jax.model import ModelConfig
 from bagpiper_jax.synthetic import SyntheticIterator
 from configs.tiny import for_tests as tiny_train_config
@@ -184,3 +186,31 @@ def test_nonfinite_step_is_dropped_and_remembered(pretrain_run):
     train_loop._check_finite(c, 2, None)  # pylint: disable=protected-access
   c.nan_policy = "skip"
   train_loop._check_finite(c, 2, None)  # pylint: disable=protected-access
+
+
+def test_offloaded_optimizer_state_lives_on_the_host_and_changes_nothing(pretrain_run, tmp_path):
+  """optim.offload_state: the Adam moments stay in host memory (pinned_host) between steps, the params
+  on the device; two steps give bit-identical params and moments; a checkpoint restores them to the
+  host again."""
+  c = tiny_train_config("pretrain", rows_per_device=4)
+  c.optim.offload_state = True
+  r = _Run(c)
+  batches = [[next(pretrain_run.it)] for _ in range(2)]
+  ref, _ = pretrain_run.steps(pretrain_run.fresh_state(), 2, batches=batches)
+  state = r.fresh_state()
+  kinds = lambda tree: {x.sharding.memory_kind for x in jax.tree.leaves(tree)}
+  assert kinds(state.opt_state) == {"pinned_host"} and kinds(state.params) == {"device"}
+  state, _ = r.steps(state, 2, batches=batches)
+  assert kinds(state.opt_state) == {"pinned_host"} and kinds(state.params) == {"device"}
+  for got, want in ((state.params, ref.params), (state.opt_state, ref.opt_state)):
+    for a, b in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(jax.device_get(want))):
+      np.testing.assert_array_equal(a, b)
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), c)
+  key = slots_lib.process_key(0, 1)
+  ck.save(2, state, {key: {"next": 2}}, slots_lib.stream_description(None, 1))
+  ck.wait()
+  back, _ = ck.restore(2, r.setup.layout.abstract_state, data_keys=None)
+  ck.close()
+  assert kinds(back.opt_state) == {"pinned_host"}
+  for a, b in zip(jax.tree.leaves(jax.device_get(back.opt_state)), jax.tree.leaves(jax.device_get(state.opt_state))):
+    np.testing.assert_array_equal(a, b)

@@ -166,6 +166,10 @@ def test_sweep_remat_specs_and_grid():
   assert len({sweep.point_key("c", "t", p) for p in pts}) == len(pts)
   with pytest.raises(ValueError, match="--xla"):
     sweep.grid([], [], [], [], [], ["nope"])
+  pts = sweep.grid(["full"], [], [], [], [], [], ["false", "true"])  # --offload_opt
+  assert [p["overrides"]["optim.offload_state"] for p in pts] == ["false", "true"]
+  rows = [sweep.summarize({"point": p, "memory": None}, 0.85) for p in pts]
+  assert [r["offload_opt"] for r in rows] == [False, True]
 
 
 def test_sweep_choice_is_least_flops_within_budget_then_more_rows():
