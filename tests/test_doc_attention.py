@@ -57,6 +57,9 @@ def test_block_bounds_skip_the_blocks_between_documents():
   np.testing.assert_array_equal(kv_start, [[0, 0, 4, 5]])
   # key blocks of 16: the last query that sees them is 63 (blocks 0-3), 79 (4), 127 (5-7) -> q blocks of 32
   np.testing.assert_array_equal(q_stop, [[2, 2, 2, 2, 3, 4, 4, 4]])
+  # query blocks of 32 run 1, 2, 1 (of 3), 2 (of 4) key blocks of 32: 6 of the causal 10
+  assert doc_attention.causal_blocks_run(seg, 32) == pytest.approx(6 / 10)
+  assert doc_attention.causal_blocks_run(jnp.ones((2, 128), jnp.int32), 32) == 1.0
   first, last = doc_attention.occurrence_bounds(_rows([(1, 3), (2, 2), (1, 2)]))
   np.testing.assert_array_equal(first, [[0, 0, 0, 3, 3, 0, 0]])
   np.testing.assert_array_equal(last, [[6, 6, 6, 4, 4, 6, 6]])
@@ -94,3 +97,45 @@ def test_kernels_lower_to_triton_for_cuda():
   kernels = re.findall(r'name = "(doc_flash_\w+)"', text)
   assert sorted(kernels) == ["doc_flash_dkv", "doc_flash_dq", "doc_flash_forward"], kernels
   assert text.count(f"custom_call @{triton}") == 3
+
+
+@pytest.mark.parametrize("fused_bwd", [False, True])
+def test_splash_with_document_block_masks_equals_xla_attention(fused_bwd):
+  """TPU splash (interpreter), blocks of 128, each row's kernel told to skip the blocks between its
+  documents: two rows with different documents (several whole blocks skipped in each), a split
+  document, padding; values and gradients against `layers.attend`."""
+  seg = _rows([(1, 40), (2, 300), (3, 150), (4, 22)],
+               [(1, 130), (2, 20), (1, 30), (3, 250), (0, 82)])
+  q, k, v = _qkv(*seg.shape)
+  ref = lambda q, k, v: layers.attend(q, k, v, seg)
+  got = lambda q, k, v: layers.splash_attend(q, k, v, seg, interpret=True, block=128, fused_bwd=fused_bwd,
+                                             skip_documents=True)
+  np.testing.assert_allclose(got(q, k, v), ref(q, k, v), atol=2e-5)
+  w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+  loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
+  for name, a, b in zip("qkv", jax.grad(loss(got), (0, 1, 2))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, atol=1e-4, err_msg=f"d{name}")
+
+
+def test_splash_document_kernel_skips_whole_blocks():
+  """The per-row mask info: a row of documents [0, 128), [128, 384), [384, 512) in blocks of 128."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  sizes = sk.BlockSizes(block_q=128, block_kv=128, block_kv_compute=128, block_q_dkv=128, block_kv_dkv=128,
+                        block_kv_dkv_compute=128, block_q_dq=128, block_kv_dq=128)
+  causal = sk.make_splash_mqa_single_device(sm.MultiHeadMask([sm.CausalMask((512, 512))]), block_sizes=sizes)
+  seg = _rows([(1, 128), (2, 256), (3, 128)])[0]
+  kern = doc_attention.splash_document_kernel(causal, seg, 128)
+  # forward (query block rows, key block columns): 1 = the diagonal, 2 = a whole block to compute, 0 = skip
+  np.testing.assert_array_equal(kern.fwd_mask_info.block_mask[0], [[1, 0, 0, 0], [0, 1, 0, 0], [0, 2, 1, 0],
+                                                                  [0, 0, 0, 1]])
+  np.testing.assert_array_equal(kern.fwd_mask_info.data_next[0], [[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 2, 3],
+                                                                 [3, 3, 3, 3]])
+  np.testing.assert_array_equal(kern.dq_mask_info.block_mask, kern.fwd_mask_info.block_mask)
+  np.testing.assert_array_equal(kern.dkv_mask_info.block_mask, kern.fwd_mask_info.block_mask)
+  # dk/dv (grid: key block j, head, query block i): a skipped block fetches the query block the next
+  # step that runs needs, the diagonal of the same column for the next head; the rest stays causal's
+  np.testing.assert_array_equal(causal.dkv_mask_info.data_next[0], [[0, 0, 0, 0], [1, 1, 0, 0], [2, 2, 2, 0],
+                                                                   [3, 3, 3, 3]])
+  np.testing.assert_array_equal(kern.dkv_mask_info.data_next[0], [[0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 2, 0],
+                                                                 [0, 1, 2, 3]])

@@ -314,8 +314,8 @@ def test_dot_product_attention_path_equals_xla_attention():
     np.testing.assert_allclose(a, b, atol=5e-5)
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu_interpret", "pallas_gpu_docs_interpret"])
-def test_model_runs_with_the_pallas_gpu_interpret_path(impl):
+@pytest.mark.parametrize("impl", ["pallas_gpu_interpret", "pallas_gpu_docs_interpret", "splash_docs_interpret"])
+def test_model_runs_with_the_kernel_interpret_paths(impl):
   cfg = tiny_model_config()
   batch = _batch(cfg, l=32)
   params = nn.meta.unbox(Bagpiper(cfg).init(jax.random.PRNGKey(0), batch)["params"])

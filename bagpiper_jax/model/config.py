@@ -94,7 +94,7 @@ class ModelConfig:
   remat_policy: str = "nothing_saveable"
   remat_save: str = ""  # comma-separated checkpoint names saved on top of a named policy
   remat_offload: str = ""  # comma-separated checkpoint names moved to host memory (named policies)
-  # xla | splash (TPU Pallas) | cudnn (NVIDIA) | pallas_gpu, pallas_gpu_docs (Triton) | *_interpret (CPU tests); layers.py
+  # xla | splash, splash_docs (TPU Pallas) | cudnn (NVIDIA) | pallas_gpu, pallas_gpu_docs (Triton) | *_interpret; layers.py
   attention_impl: str = "xla"
   attention_fused_bwd: bool = False  # splash: one fused dq/dk/dv backward kernel
   attention_q_chunk: int = 1024  # query rows per attention block (0: one block, O(L^2) memory)

@@ -1,4 +1,5 @@
-"""Flash attention for packed rows that skips the blocks between documents (Pallas GPU / Triton).
+"""Flash attention for packed rows that skips the blocks between documents (Pallas GPU / Triton;
+and, for TPU, jax's splash kernel told which blocks to skip: `splash_document_kernel`).
 
 A packed row holds several documents; a position attends causally within its own document only
 (`layers.attend` is the contract and the reference). A flash kernel that takes segment ids but walks
@@ -33,6 +34,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
 # A finite "minus infinity": a fully masked block then rescales to nothing instead of making NaNs.
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
@@ -67,6 +69,16 @@ def block_bounds(segment_ids, block_q: int, block_k: int):
   kv_start = first.reshape(b, l // block_q, block_q).min(axis=2) // block_k
   q_stop = last.reshape(b, l // block_k, block_k).max(axis=2) // block_q + 1
   return kv_start.astype(jnp.int32), q_stop.astype(jnp.int32)
+
+
+def causal_blocks_run(segment_ids, block: int) -> float:
+  """Of the causal grid's (query, key) blocks of `block` x `block` (the diagonal included), the
+  fraction the document-skipping kernels run for these rows [B, L] (L a multiple of `block`)."""
+  b, l = segment_ids.shape
+  n = l // block
+  kv_start, _ = block_bounds(jnp.asarray(segment_ids), block, block)
+  run = jnp.sum(jnp.arange(1, n + 1)[None, :] - kv_start)
+  return float(run) / (b * n * (n + 1) / 2)
 
 
 def _mask(seg_q, seg_k, q_pos, k_pos):
@@ -256,3 +268,48 @@ def pad_to_blocks(q, k, v, segment_ids, blocks):
     return q, k, v, segment_ids
   widen = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
   return widen(q), widen(k), widen(v), jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# TPU: the splash kernel with per-row block masks.
+
+
+def splash_document_kernel(kernel: sk.SplashAttentionKernel, segment_ids, block: int) -> sk.SplashAttentionKernel:
+  """`kernel`, a splash kernel made for the causal mask with blocks of `block` everywhere, for one
+  row whose documents are `segment_ids` [L]: the blocks no document of theirs spans are skipped.
+
+  Splash walks a static grid of (query block, key block) and reads, per grid step, from its mask
+  info whether the block runs (`block_mask` > 0) and which block to fetch (`data_next`). The causal
+  mask info skips the blocks above the diagonal; here, per row, the blocks below it that hold no
+  same-document pair are set to 0 too (bounds of `block_bounds`), and their `data_next` points at
+  the next block that does run, so the pipeline fetches nothing new for them. The kernel still
+  applies the segment ids elementwise inside each block it runs."""
+  l = segment_ids.shape[-1]
+  n = l // block
+  kv_start, q_stop = (x[0] for x in block_bounds(segment_ids.reshape(1, l), block, block))
+  i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+
+  def check(info, name):
+    if info.block_mask.shape != (1, n, n) or info.data_next.shape != (1, n, n):
+      raise ValueError(f"splash {name} mask info of shape {info.block_mask.shape}; the document skip needs "
+                       f"the full causal grid (1, {n}, {n}) of blocks of {block}")
+
+  def rows_of_queries(info):  # forward and dq: query block i outer, key block j inner; data_next = key block
+    check(info, "forward/dq")
+    skip = j < kv_start[:, None]
+    next_row = kv_start[jnp.minimum(jnp.arange(n) + 1, n - 1)][:, None]  # the next row's first key block
+    data_next = jnp.where(skip, kv_start[:, None], jnp.where(j > i, next_row, info.data_next[0]))
+    return info._replace(block_mask=jnp.where(skip, 0, info.block_mask[0])[None].astype(info.block_mask.dtype),
+                         data_next=data_next[None].astype(info.data_next.dtype))
+
+  def columns_of_keys(info):  # dk/dv: key block j outer, heads, query block i inner; data_next = query block
+    check(info, "dkv")
+    skip = i >= q_stop[None, :]
+    data_next = jnp.where(skip, j, info.data_next[0])  # next: the same column's diagonal, for the next head
+    return info._replace(block_mask=jnp.where(skip, 0, info.block_mask[0])[None].astype(info.block_mask.dtype),
+                         data_next=data_next[None].astype(info.data_next.dtype))
+
+  dq = kernel.dq_mask_info
+  return sk.SplashAttentionKernel(rows_of_queries(kernel.fwd_mask_info),
+                                  None if dq is None else rows_of_queries(dq),
+                                  columns_of_keys(kernel.dkv_mask_info), **kernel.kwargs)

@@ -15,6 +15,8 @@ Attention kernels (`model.attention_impl`), all with the same packed-row contrac
 (per-document causal masking from segment ids; parity-tested against it):
   xla                 plain XLA, query blocks of `attention_q_chunk` rows (any backend)
   splash              TPU Pallas splash kernel (`splash_interpret`: the same in the interpreter)
+  splash_docs         the same, each row's kernel told to skip the blocks between its documents
+                      (doc_attention.splash_document_kernel; `splash_docs_interpret`)
   cudnn               cuDNN flash attention through `jax.nn.dot_product_attention` (NVIDIA GPU)
   pallas_gpu          Pallas GPU (Triton) flash attention with segment ids (`pallas_gpu_interpret`:
                       the same kernel in the Pallas interpreter, CPU tests)
@@ -35,7 +37,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
 from bagpiper_jax.model.config import ModelConfig
-from bagpiper_jax.model.doc_attention import doc_flash_attend, pad_to_blocks
+from bagpiper_jax.model.doc_attention import doc_flash_attend, pad_to_blocks, splash_document_kernel
 
 Dtype = jnp.dtype
 
@@ -183,7 +185,7 @@ def _dense_init(cfg: ModelConfig, axes):
 
 
 def splash_attend(q, k, v, segment_ids, *, interpret: bool = False, block: int = 512,
-                  fused_bwd: bool = False, residual_name: str | None = None):
+                  fused_bwd: bool = False, residual_name: str | None = None, skip_documents: bool = False):
   """TPU flash attention (Pallas splash kernel) with per-document causal masking. Same contract as `attend`.
 
   GQA runs the kernel's MQA form once per KV head. Under a mesh (the training step's abstract mesh)
@@ -191,7 +193,8 @@ def splash_attend(q, k, v, segment_ids, *, interpret: bool = False, block: int =
   the length axis is kept whole per shard. `interpret=True` runs the kernel in the Pallas interpreter
   (CPU tests). `fused_bwd`: one backward kernel for dq, dk and dv (5 block matmuls instead of 7).
   `residual_name`: checkpoint name of the kernel's residuals (output, logsumexp), so a remat policy
-  that saves it does not rerun the forward kernel in the backward pass.
+  that saves it does not rerun the forward kernel in the backward pass. `skip_documents`: each row's
+  kernel also skips the blocks between its documents (doc_attention.splash_document_kernel).
   """
   b, l, h, d = q.shape
   blk = min(block, -(-l // 128) * 128)
@@ -214,8 +217,11 @@ def splash_attend(q, k, v, segment_ids, *, interpret: bool = False, block: int =
                                               residual_checkpoint_name=residual_name)
     qq = (q * (d ** -0.5)).transpose(0, 2, 1, 3).reshape(bl, kvl, g, lp, d)
     kk, vv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    per_head = lambda a, b_, c, s: kernel(a, b_, c, segment_ids=sk.SegmentIds(s, s))
-    out = jax.vmap(jax.vmap(per_head, in_axes=(0, 0, 0, None)))(qq, kk, vv, seg)
+    if skip_documents:  # a kernel per row: its block masks depend on the row's documents
+      out = jnp.stack([jax.vmap(functools.partial(_splash_heads, splash_document_kernel(kernel, seg[r], blk)),
+                                in_axes=(0, 0, 0, None))(qq[r], kk[r], vv[r], seg[r]) for r in range(bl)])
+    else:
+      out = jax.vmap(jax.vmap(functools.partial(_splash_heads, kernel), in_axes=(0, 0, 0, None)))(qq, kk, vv, seg)
     return out.reshape(bl, hl, lp, d).transpose(0, 2, 1, 3)
 
   mesh = jax.sharding.get_abstract_mesh()
@@ -228,6 +234,10 @@ def splash_attend(q, k, v, segment_ids, *, interpret: bool = False, block: int =
     out = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec("batch", None)),
                         out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
   return out[:, :l]
+
+
+def _splash_heads(kernel, q, k, v, seg):
+  return kernel(q, k, v, segment_ids=sk.SegmentIds(seg, seg))
 
 
 def segment_mask(segment_ids):
@@ -318,10 +328,11 @@ class Attention(nn.Module):
                        f"model.attention_impl is {impl!r}")
     if cache is not None:
       out = attend_cached(q, k, v, segment_ids, *cache).astype(dt)
-    elif impl in ("splash", "splash_interpret"):
+    elif impl in SPLASH_IMPLS:
       # The kernel tags its own residuals "context": saving them spares the forward kernel's rerun.
-      out = splash_attend(q, k, v, segment_ids, interpret=impl == "splash_interpret",
-                          fused_bwd=cfg.attention_fused_bwd, residual_name="context").astype(dt)
+      out = splash_attend(q, k, v, segment_ids, interpret=impl.endswith("_interpret"),
+                          fused_bwd=cfg.attention_fused_bwd, residual_name="context",
+                          skip_documents=impl.startswith("splash_docs")).astype(dt)
     else:
       if impl == "xla":
         out = attend(q, k, v, segment_ids, cfg.attention_q_chunk)
@@ -344,7 +355,8 @@ class Attention(nn.Module):
 
 
 PALLAS_GPU_IMPLS = ("pallas_gpu", "pallas_gpu_interpret", "pallas_gpu_docs", "pallas_gpu_docs_interpret")
-ATTENTION_IMPLS = ("xla", "splash", "splash_interpret", "cudnn") + PALLAS_GPU_IMPLS
+SPLASH_IMPLS = ("splash", "splash_interpret", "splash_docs", "splash_docs_interpret")
+ATTENTION_IMPLS = ("xla",) + SPLASH_IMPLS + ("cudnn",) + PALLAS_GPU_IMPLS
 GPU_KERNELS = ("cudnn",) + PALLAS_GPU_IMPLS  # each a jax.custom_vjp (remat_policy)
 
 
