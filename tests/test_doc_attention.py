@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -139,3 +143,50 @@ def test_splash_document_kernel_skips_whole_blocks():
                                                                    [3, 3, 3, 3]])
   np.testing.assert_array_equal(kern.dkv_mask_info.data_next[0], [[0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 2, 0],
                                                                  [0, 1, 2, 3]])
+
+
+_SHARDED = r"""
+import json, numpy as np, jax, jax.numpy as jnp
+from bagpiper_jax import sharding
+from bagpiper_jax.model import layers
+from bagpiper_jax.train_step import mesh_rules
+from configs.tiny import for_tests as tiny_train_config
+c = tiny_train_config()
+c.mesh.ici = dict(data=1, fsdp=4, tensor=2, sequence=1)
+mesh = sharding.make_mesh(c)
+rng = np.random.default_rng(0)
+seg = np.zeros((8, 384), np.int32)
+for r, row in enumerate(seg):  # each device's two rows need different blocks: one per block, or long ones
+  t, doc = 0, 1
+  while t < 384:
+    n = 128 if r % 2 == 0 else min(int(rng.integers(150, 300)), 384 - t)
+    row[t:t + n], t, doc = doc, t + n, doc + 1
+q, k, v = (jnp.asarray(rng.normal(size=(8, 384, h, 16)), jnp.float32) for h in (4, 2, 2))
+w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+def loss(f):
+  return lambda q, k, v: jnp.sum(f(q, k, v) * w)
+ref = lambda q, k, v: layers.attend(q, k, v, seg)
+got = lambda q, k, v: layers.splash_attend(q, k, v, seg, interpret=True, block=128, skip_documents=True)
+def traced(q, k, v):
+  with mesh_rules(mesh):  # the training step's abstract mesh: splash runs per shard under shard_map
+    return jax.value_and_grad(loss(got), (0, 1, 2))(q, k, v)
+on_mesh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+(l_got, g_got) = jax.jit(traced, in_shardings=(on_mesh,) * 3)(q, k, v)
+(l_ref, g_ref) = jax.value_and_grad(loss(ref), (0, 1, 2))(q, k, v)
+print("RESULT " + json.dumps({"devices": len(jax.devices()), "loss": [float(l_got), float(l_ref)],
+                              "grad_diff": [float(jnp.max(jnp.abs(a - b))) for a, b in zip(g_got, g_ref)]}))
+"""
+
+
+def test_splash_document_kernels_per_shard_on_eight_devices(tmp_path):
+  """splash_docs under the training mesh (8 fake CPU devices, fsdp 4 x tensor 2): shard_map gives each
+  device two rows and one K/V head, each row gets its own block masks; loss and gradients equal
+  `layers.attend`'s."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+  p = subprocess.run([sys.executable, "-c", _SHARDED], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-4000:]
+  res = json.loads([x for x in p.stdout.splitlines() if x.startswith("RESULT ")][0][7:])
+  assert res["devices"] == 8
+  assert res["loss"][0] == pytest.approx(res["loss"][1], rel=1e-5)
+  assert max(res["grad_diff"]) < 1e-4, res
