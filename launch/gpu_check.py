@@ -34,10 +34,9 @@ from bagpiper_jax.model import ModelConfig, doc_attention, layers
 _JSON = flags.DEFINE_string("json", "", "Write the results here.")
 _LEN = flags.DEFINE_integer("attention_len", 4096, "Length of the attention check (one packed row).")
 _BLOCKS = flags.DEFINE_string(
-    "blocks", "128,64,64,64,64,64;128,128,32,64,64,32;64,64,32,64,64,32",
+    "blocks", ";".join(layers.PALLAS_GPU_OTHER_BLOCKS),
     "Other pallas_gpu / pallas_gpu_docs block sizes to check and time beside layers.PALLAS_GPU_BLOCKS: "
-    "model.attention_blocks "
-    "values separated by ';'.")
+    "model.attention_blocks values separated by ';' (default: layers.PALLAS_GPU_OTHER_BLOCKS).")
 
 
 def _packed_segments(l: int, rng) -> np.ndarray:

@@ -84,7 +84,8 @@ def test_attention_pairs_within_documents_is_the_kernels_share_of_the_full_row_c
   assert metrics.attention_pairs_within_documents([[1, 2, 1]]) == pytest.approx(4 / 6)
 
 
-def test_kernels_lower_to_triton_for_cuda():
+@pytest.mark.parametrize("spec", ("",) + layers.PALLAS_GPU_OTHER_BLOCKS)  # all that gpu_check times
+def test_kernels_lower_to_triton_for_cuda(spec):
   """On this CPU host the three kernels go through Pallas' Triton lowering for CUDA (jax.export with
   platforms=["cuda"]): what only a GPU could catch before, short of Triton's own compile, is caught
   here (an op Pallas cannot lower to Triton, a block shape it rejects). bf16, GQA 16/8 heads of 128."""
@@ -92,7 +93,7 @@ def test_kernels_lower_to_triton_for_cuda():
   q = jax.ShapeDtypeStruct((1, l, 16, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, l, 8, d), jnp.bfloat16)
   seg = jax.ShapeDtypeStruct((1, l), jnp.int32)
-  f = lambda a, b, c, s: doc_attention.doc_flash_attend(a, b, c, s, blocks=layers.PALLAS_GPU_BLOCKS)
+  f = lambda a, b, c, s: doc_attention.doc_flash_attend(a, b, c, s, blocks=layers.pallas_gpu_blocks(spec))
   grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), (0, 1, 2)))
   triton = "__gpu$xla.gpu.triton"
   exported = jax.export.export(grad, platforms=["cuda"],

@@ -263,6 +263,8 @@ def dot_product_attend(q, k, v, segment_ids, *, implementation: str = "cudnn"):
 # (H200, 2026-11-27: fwd+bwd 1.19 ms; block_k=64 1.36 ms; launch/README.md "On a GPU").
 PALLAS_GPU_BLOCKS = gpu_attention.BlockSizes(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=64,
                                              block_q_dq=64, block_kv_dq=64)
+# The alternatives launch/gpu_check.py times beside it (model.attention_blocks values).
+PALLAS_GPU_OTHER_BLOCKS = ("128,64,64,64,64,64", "128,128,32,64,64,32", "64,64,32,64,64,32")
 
 
 def pallas_gpu_blocks(spec: str) -> gpu_attention.BlockSizes:
