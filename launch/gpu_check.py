@@ -60,17 +60,14 @@ def check_attention(l: int, h: int = 16, k: int = 8, d: int = 128, blocks: tuple
   ref_out = jax.jit(lambda a, b, c: layers.attend(a, b, c, seg, q_chunk=1024))(q32, k32, v32)
   _, ref_g = ref_fn(q32, k32, v32)
   impls = {"cudnn": lambda a, b, c: layers.dot_product_attend(a, b, c, seg),
-           "pallas_gpu": lambda a, b, c: layers.pallas_gpu_attend(a, b, c, seg),
-           "pallas_gpu_docs": lambda a, b, c: doc_attention.doc_flash_attend(a, b, c, seg,
-                                                                              blocks=layers.PALLAS_GPU_BLOCKS),
            "xla": lambda a, b, c: layers.attend(a, b, c, seg, q_chunk=1024)}
-  for spec in blocks:
-    impls[f"pallas_gpu:{spec}"] = functools.partial(
-        lambda a, b, c, sizes: layers.pallas_gpu_attend(a, b, c, seg, blocks=sizes),
-        sizes=layers.pallas_gpu_blocks(spec))
-    impls[f"pallas_gpu_docs:{spec}"] = functools.partial(
-        lambda a, b, c, sizes: doc_attention.doc_flash_attend(a, b, c, seg, blocks=sizes),
-        sizes=layers.pallas_gpu_blocks(spec))
+  # The two Pallas kernels at their default blocks ('') and at each of `blocks`.
+  kernels = (("pallas_gpu", layers.pallas_gpu_attend), ("pallas_gpu_docs", doc_attention.doc_flash_attend))
+  for name, attend in kernels:
+    for spec in ("",) + tuple(blocks):
+      impls[f"{name}:{spec}" if spec else name] = functools.partial(
+          lambda a, b, c, attend, sizes: attend(a, b, c, seg, blocks=sizes),
+          attend=attend, sizes=layers.pallas_gpu_blocks(spec))
   out = {}
   for name, f in impls.items():
     try:

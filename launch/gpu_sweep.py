@@ -8,7 +8,7 @@ Each --point is `key=value,...` over the bench preset (bagpiper_jax.bench: the s
 and step as `python -m bagpiper_jax.bench --preset=...`'s jax side):
   remat        model.remat_policy (layers.py)          save        model.remat_save (names joined by '+')
   rows         packed rows per micro-batch             accum       micro-batches per optimizer step
-  attention    model.attention_impl                    blocks      model.attention_blocks (pallas_gpu)
+  attention    model.attention_impl                    blocks      model.attention_blocks (pallas_gpu(_docs))
   loss_chunk   model.loss_chunk_size                   seq_len     tokens per row
   unroll       model.scan_unroll (layers per iteration of the layer scan)
 Per point: the step compiled ahead of time (its device memory from the compiled program), one step,

@@ -86,6 +86,11 @@ def _mask(seg_q, seg_k, q_pos, k_pos):
   return (seg_q[:, None] == seg_k[None, :]) & (q_pos[:, None] >= k_pos[None, :])
 
 
+def _diagonal_stop(i, block_q, block_k):
+  """One past the key block that holds query block i's last position: the causal end of its loop."""
+  return lax.div((i + 1) * block_q + block_k - 1, block_k)
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, start_ref, o_ref, lse_ref, *, scale, block_q,
                 block_k):
   i = pl.program_id(0)
@@ -105,10 +110,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, start_ref, o_ref, lse_r
     acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
     return acc, m_new, s_sum * alpha + p.sum(axis=1)
 
-  stop = lax.div((i + 1) * block_q + block_k - 1, block_k)  # the causal diagonal, inclusive
   init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), _MASKED, jnp.float32),
           jnp.zeros((block_q,), jnp.float32))
-  acc, m, s_sum = lax.fori_loop(start_ref[0], stop, body, init)
+  acc, m, s_sum = lax.fori_loop(start_ref[0], _diagonal_stop(i, block_q, block_k), body, init)
   o_ref[...] = (acc / s_sum[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log(s_sum)
 
@@ -129,8 +133,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_r
     ds = p * (plgpu.dot(do, v.T).astype(jnp.float32) - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k).astype(jnp.float32)
 
-  stop = lax.div((i + 1) * block_q + block_k - 1, block_k)
-  dq = lax.fori_loop(start_ref[0], stop, body, jnp.zeros(q.shape, jnp.float32))
+  dq = lax.fori_loop(start_ref[0], _diagonal_stop(i, block_q, block_k), body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -290,25 +293,24 @@ def splash_document_kernel(kernel: sk.SplashAttentionKernel, segment_ids, block:
   kv_start, q_stop = (x[0] for x in block_bounds(segment_ids.reshape(1, l), block, block))
   i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
 
-  def check(info, name):
+  def skipping(info, name, skip, data_next):
+    """`info` with the `skip` blocks off and `data_next` [n, n] as the blocks to fetch."""
     if info.block_mask.shape != (1, n, n) or info.data_next.shape != (1, n, n):
       raise ValueError(f"splash {name} mask info of shape {info.block_mask.shape}; the document skip needs "
                        f"the full causal grid (1, {n}, {n}) of blocks of {block}")
+    return info._replace(block_mask=jnp.where(skip, 0, info.block_mask[0])[None].astype(info.block_mask.dtype),
+                         data_next=data_next[None].astype(info.data_next.dtype))
 
   def rows_of_queries(info):  # forward and dq: query block i outer, key block j inner; data_next = key block
-    check(info, "forward/dq")
     skip = j < kv_start[:, None]
     next_row = kv_start[jnp.minimum(jnp.arange(n) + 1, n - 1)][:, None]  # the next row's first key block
-    data_next = jnp.where(skip, kv_start[:, None], jnp.where(j > i, next_row, info.data_next[0]))
-    return info._replace(block_mask=jnp.where(skip, 0, info.block_mask[0])[None].astype(info.block_mask.dtype),
-                         data_next=data_next[None].astype(info.data_next.dtype))
+    return skipping(info, "forward/dq", skip,
+                    jnp.where(skip, kv_start[:, None], jnp.where(j > i, next_row, info.data_next[0])))
 
   def columns_of_keys(info):  # dk/dv: key block j outer, heads, query block i inner; data_next = query block
-    check(info, "dkv")
     skip = i >= q_stop[None, :]
-    data_next = jnp.where(skip, j, info.data_next[0])  # next: the same column's diagonal, for the next head
-    return info._replace(block_mask=jnp.where(skip, 0, info.block_mask[0])[None].astype(info.block_mask.dtype),
-                         data_next=data_next[None].astype(info.data_next.dtype))
+    # next: the same column's diagonal, for the next head
+    return skipping(info, "dkv", skip, jnp.where(skip, j, info.data_next[0]))
 
   dq = kernel.dq_mask_info
   return sk.SplashAttentionKernel(rows_of_queries(kernel.fwd_mask_info),
