@@ -65,8 +65,13 @@ def block_bounds(segment_ids, block_q: int, block_k: int):
   kv_start[b, i]: the first key block query block i can see; its loop ends at the causal diagonal.
   q_stop[b, j]: one past the last query block that can see key block j; its loop starts at the
   diagonal."""
-  b, l = segment_ids.shape
-  first, last = occurrence_bounds(segment_ids)
+  return blocks_from_bounds(*occurrence_bounds(segment_ids), block_q, block_k)
+
+
+def blocks_from_bounds(first, last, block_q: int, block_k: int):
+  """`block_bounds` from `occurrence_bounds`' (first, last): the kernels compute those once per
+  call and derive each kernel's blocks from them."""
+  b, l = first.shape
   kv_start = first.reshape(b, l // block_q, block_q).min(axis=2) // block_k
   q_stop = last.reshape(b, l // block_k, block_k).max(axis=2) // block_q + 1
   return kv_start.astype(jnp.int32), q_stop.astype(jnp.int32)
@@ -166,11 +171,11 @@ def _params(head_dim: int):
   return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
-def _forward(q, k, v, seg, blocks, interpret):
+def _forward(q, k, v, seg, occ, blocks, interpret):
   b, l, h, d = q.shape
   g = h // k.shape[2]
   bq, bk = blocks.block_q, blocks.block_k
-  kv_start, _ = block_bounds(seg, bq, bk)
+  kv_start, _ = blocks_from_bounds(*occ, bq, bk)
   kernel = functools.partial(_fwd_kernel, scale=d ** -0.5, block_q=bq, block_k=bk)
   o, lse = pl.pallas_call(
       kernel, grid=(l // bq, b, h),
@@ -188,7 +193,7 @@ def _forward(q, k, v, seg, blocks, interpret):
   return o, lse
 
 
-def _backward(q, k, v, seg, o, lse, do, blocks, interpret):
+def _backward(q, k, v, seg, occ, o, lse, do, blocks, interpret):
   b, l, h, d = q.shape
   kh = k.shape[2]
   g = h // kh
@@ -199,7 +204,7 @@ def _backward(q, k, v, seg, o, lse, do, blocks, interpret):
   full_seg = pl.BlockSpec((None, l), lambda n, b_, h_: (b_, 0))
 
   bq, bk = blocks.block_q_dq, blocks.block_kv_dq
-  kv_start, _ = block_bounds(seg, bq, bk)
+  kv_start, _ = blocks_from_bounds(*occ, bq, bk)
   q_blk = pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, scale=d ** -0.5, block_q=bq, block_k=bk), grid=(l // bq, b, h),
@@ -213,7 +218,7 @@ def _backward(q, k, v, seg, o, lse, do, blocks, interpret):
   )(q, k, v, do, lse, delta, seg, seg, kv_start)
 
   bq, bk = blocks.block_q_dkv, blocks.block_kv_dkv
-  _, q_stop = block_bounds(seg, bq, bk)
+  _, q_stop = blocks_from_bounds(*occ, bq, bk)
   kv_blk = pl.BlockSpec((None, bk, None, d), lambda j, b_, h_: (b_, j, h_ // g, 0))
   out_blk = pl.BlockSpec((None, bk, None, d), lambda j, b_, h_: (b_, j, h_, 0))
   per_head = jax.ShapeDtypeStruct((b, l, h, d), jnp.float32 if g > 1 else k.dtype)
@@ -231,20 +236,20 @@ def _backward(q, k, v, seg, o, lse, do, blocks, interpret):
   return dq, dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q, k, v, seg, blocks, interpret):
-  return _forward(q, k, v, seg, blocks, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash(q, k, v, seg, occ, blocks, interpret):
+  return _forward(q, k, v, seg, occ, blocks, interpret)[0]
 
 
-def _flash_fwd(q, k, v, seg, blocks, interpret):
-  o, lse = _forward(q, k, v, seg, blocks, interpret)
-  return o, (q, k, v, seg, o, lse)
+def _flash_fwd(q, k, v, seg, occ, blocks, interpret):
+  o, lse = _forward(q, k, v, seg, occ, blocks, interpret)
+  return o, (q, k, v, seg, occ, o, lse)
 
 
 def _flash_bwd(blocks, interpret, res, do):
-  q, k, v, seg, o, lse = res
-  dq, dk, dv = _backward(q, k, v, seg, o, lse, do, blocks, interpret)
-  return dq, dk, dv, None
+  q, k, v, seg, occ, o, lse = res
+  dq, dk, dv = _backward(q, k, v, seg, occ, o, lse, do, blocks, interpret)
+  return dq, dk, dv, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -259,7 +264,9 @@ def doc_flash_attend(q, k, v, segment_ids, *, blocks, interpret: bool = False):
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"query heads {q.shape[2]} are not a multiple of K/V heads {k.shape[2]}")
   q, k, v, segment_ids = pad_to_blocks(q, k, v, segment_ids, blocks)
-  return _flash(q, k, v, segment_ids.astype(jnp.int32), blocks, interpret)[:, :l]
+  seg = segment_ids.astype(jnp.int32)
+  # The ids' occurrence bounds, once for all three kernels (each derives its own blocks).
+  return _flash(q, k, v, seg, occurrence_bounds(seg), blocks, interpret)[:, :l]
 
 
 def pad_to_blocks(q, k, v, segment_ids, blocks):
