@@ -105,8 +105,11 @@ def compiled_device_bytes(compiled) -> int:
   """Device memory a compiled program holds while it runs: arguments + outputs - aliased (donated)
   + temporaries + code (`compiled.memory_analysis()`; 0 where the backend gives none)."""
   m = compiled.memory_analysis()
-  if m is None:
-    return 0
+  return 0 if m is None else memory_stats_device_bytes(m)
+
+
+def memory_stats_device_bytes(m) -> int:
+  """`compiled_device_bytes` from a `compiled.memory_analysis()` already in hand."""
   return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
              + m.generated_code_size_in_bytes)
 

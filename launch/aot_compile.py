@@ -219,7 +219,7 @@ def memory_report(compiled, chip: topology_lib.Chip, abstract_state=None, abstra
       "temps": int(m.temp_size_in_bytes),
       "code": int(m.generated_code_size_in_bytes),
   }
-  r["total"] = metrics.compiled_device_bytes(compiled)
+  r["total"] = metrics.memory_stats_device_bytes(m)
   # Host memory (pinned_host): offloaded activations / optimizer state; per device, like the rest.
   host = {k: int(getattr(m, f"host_{k}_size_in_bytes", 0) or 0)
           for k in ("argument", "output", "alias", "temp")}
