@@ -362,3 +362,14 @@ def test_compile_profile_attributes_kernels_to_parts():
   text = compile_profile.report(log, hlo, top=2)
   assert re.search(r"decoder layers, backward\s+1\s+1,000\s+95\.5%", text), text
   assert "1 all-gather" in text and "fusion.9" in text.split("largest 2 kernels:")[1]
+
+
+@needs_libtpu
+def test_collective_probe_tells_reduce_scatter_from_all_reduce():
+  """launch/collective_probe on v5p-8 (4 chips): an explicit psum_scatter of a weight gradient stays
+  one reduce-scatter there; the SPMD partitioner's form of the same reduction is one all-reduce."""
+  from launch import collective_probe  # pylint: disable=g-import-not-at-top
+  small = dict(embed=256, mlp=512, positions=64)
+  assert collective_probe.probe("v5p-8", "psum_scatter", **small)["collectives"] == {"reduce-scatter": 1}
+  spmd = collective_probe.probe("v5p-8", "constraint", **small)
+  assert spmd["collectives"] == {"all-reduce": 1} and "bf16[256,512]" in spmd["lines"][0]
