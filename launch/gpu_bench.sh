@@ -63,10 +63,21 @@ import json; r = json.load(open('$OUT/gpu_check.json'))
 print(r['best_attention'], r.get('best_blocks', '').replace(',', '/') or '-')" 2>/dev/null || echo "pallas_gpu -")
 B=""; if [ "$BLOCKS" != "-" ]; then B=",blocks=$BLOCKS"; fi
 
-echo "== 2. jax step settings (attention $ATTN${B:+, blocks $BLOCKS}; $(left) s left)"
-PTS=(--point="remat=minimal_with_context,rows=4,attention=pallas_gpu,blocks=128/128/64/64/64/64,unroll=28"  # the 2026-11-27 H200 best
-     --point="remat=minimal_with_context,rows=4,attention=pallas_gpu_docs,unroll=28"  # ours: skips the blocks between documents
-     --point="remat=minimal_with_context,rows=8,attention=$ATTN$B,unroll=28")
+# The points by the card's memory (GPU_GIB overrides; nvidia-smi's total otherwise). The H200 (141 GB)
+# table's best point, 4 rows with the layer loop unrolled, took 75.03 GiB: more than an H100 (80 GB)
+# gives at XLA_PYTHON_CLIENT_MEM_FRACTION=0.92, where 4 rows under the layer scan (60.67 GiB) fit.
+GPU_GIB="${GPU_GIB:-$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null \
+  | head -1 | awk '{printf "%d", $1 / 1024}')}"
+if [ "${GPU_GIB:-0}" -ge 100 ]; then
+  PTS=(--point="remat=minimal_with_context,rows=4,attention=pallas_gpu,blocks=128/128/64/64/64/64,unroll=28"  # the 2026-11-27 H200 best
+       --point="remat=minimal_with_context,rows=4,attention=pallas_gpu_docs,unroll=28"  # ours: skips the blocks between documents
+       --point="remat=minimal_with_context,rows=8,attention=$ATTN$B,unroll=28")
+else  # an 80 GB card (or unknown): 4 rows under the layer scan, then 2 rows unrolled
+  PTS=(--point="remat=minimal_with_context,rows=4,attention=pallas_gpu,blocks=128/128/64/64/64/64"  # 41.5% on the H200
+       --point="remat=minimal_with_context,rows=4,attention=pallas_gpu_docs"  # ours: skips the blocks between documents
+       --point="remat=minimal_with_context,rows=2,attention=$ATTN$B,unroll=28")
+fi
+echo "== 2. jax step settings (attention $ATTN${B:+, blocks $BLOCKS}; ${GPU_GIB:-?} GiB card; $(left) s left)"
 timeout $(( $(left) - 100 )) python -m launch.gpu_sweep --preset="$PRESET" --steps=4 "${PTS[@]}" \
   --out="$OUT/gpu_sweep.jsonl" --profile_dir="$OUT/profile" 2>&1 | quiet | tee "$OUT/gpu_sweep.log"
 
