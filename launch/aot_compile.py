@@ -155,6 +155,7 @@ def hlo_instruction_count(text: str) -> int:
 
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+COLLECTIVE_OP = re.compile(r" (" + "|".join(COLLECTIVES) + r")(-start)?\(")  # group 1: the kind
 
 
 def collective_counts(text: str) -> dict[str, int]:
@@ -162,7 +163,7 @@ def collective_counts(text: str) -> dict[str, int]:
   gathers should be all-gathers: libtpu turns them into all-reduces of zero-padded buffers when it
   compiles for the wrong torus (launch/topology.py, Topology.wrap)."""
   counts = dict.fromkeys(COLLECTIVES, 0)
-  for m in re.finditer(r" (" + "|".join(COLLECTIVES) + r")(-start)?\(", text):
+  for m in COLLECTIVE_OP.finditer(text):
     counts[m.group(1)] += 1
   return counts
 

@@ -15,9 +15,7 @@ chips and otherwise compiles an all-reduce of the whole gradient followed by a d
 
 from __future__ import annotations
 
-import collections
 import os
-import re
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # never grab local accelerators: we compile only
 
@@ -28,10 +26,10 @@ from absl import app, flags  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from launch import aot_compile  # noqa: E402
 from launch import topology as topology_lib  # noqa: E402
 
 HOW = ("constraint", "psum_scatter")
-COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
 
 
 def define_flags() -> None:
@@ -67,15 +65,10 @@ def probe(topology: str, how: str = "constraint", embed: int = 4096, mlp: int = 
   x = jax.ShapeDtypeStruct((n, positions, embed), jnp.bfloat16, sharding=batch)
   dy = jax.ShapeDtypeStruct((n, positions, mlp), jnp.bfloat16, sharding=batch)
   compiled = jax.jit(weight_gradient(mesh, how)).lower(x, dy).compile()
-  pattern = re.compile(r"= \S+ (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
-  counts, lines = collections.Counter(), []
-  for line in compiled.as_text().splitlines():
-    m = pattern.search(line)
-    if m:
-      counts[m.group(1)] += 1
-      lines.append(line.strip()[:160])
-  return {"collectives": dict(counts), "lines": lines,
-          "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
+  text = compiled.as_text()
+  counts = {kind: n for kind, n in aot_compile.collective_counts(text).items() if n}
+  lines = [line.strip()[:160] for line in text.splitlines() if aot_compile.COLLECTIVE_OP.search(line)]
+  return {"collectives": counts, "lines": lines, "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
 
 
 def main(argv):
