@@ -65,6 +65,31 @@ def test_text_logits_match_transformers_qwen3():
   assert np.abs(np.asarray(ours[:, :, 3]) - ref).max() > 1e-2
 
 
+def test_one_stream_model_is_a_plain_qwen3_lm():
+  """num_streams=1 without audio is exactly a causal LM: its training loss is transformers'
+  Qwen3ForCausalLM loss (mean next-token CE). This is the step launch/README.md compiles against
+  MaxText's qwen3-8b ("the same work"), so it must be the same computation, not a look-alike."""
+  cfg = tiny_model_config(num_streams=1)
+  hf = hf_qwen3(cfg, seed=4)
+  rng = np.random.default_rng(1)
+  ids = rng.integers(cfg.num_specials, cfg.codec_start, size=(2, 13)).astype(np.int32)
+  b, l = ids.shape
+  batch = {"input_ids": ids[..., None], "loss_weights": np.ones((b, l, 1), np.float32),
+           "segment_ids": np.ones((b, l), np.int32),
+           "positions": np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy()}
+  params = _init(cfg, batch)
+  assert params["stream_emb"]["embedding"].shape == (1, cfg.hidden_size)
+  state = {k: v.numpy() for k, v in hf.state_dict().items()}
+  params = _merge(params, rules.from_torch_tensors(state.__getitem__, rules.decoder_rules(cfg)))
+  params["stream_emb"]["embedding"] = jnp.ones((1, cfg.hidden_size))  # row 0: held at zero, ignored
+  loss, aux = Bagpiper(cfg).apply({"params": params}, batch)
+  with torch.no_grad():
+    t = torch.from_numpy(ids.astype(np.int64))
+    ref = float(hf(t, labels=t).loss)
+  assert abs(float(loss) - ref) < 1e-5 * max(1.0, ref), (float(loss), ref)
+  assert float(aux["num_target_tokens"]) == b * (l - 1)
+
+
 def test_packed_documents_equal_separate_documents():
   cfg = tiny_model_config()
   rng = np.random.default_rng(1)

@@ -139,17 +139,22 @@ class Bagpiper(nn.Module):
     e = self.stream_emb.embedding
     return e * (jnp.arange(self.cfg.num_streams) > 0)[:, None].astype(e.dtype)
 
+  def stream_offsets(self):
+    """[S, V] float32: stream_emb[n] @ lm_head, added to the base logits of stream n. Row 0 is zero by
+    definition (stream_table), so only rows 1..S-1 are multiplied: a one-stream model (a plain LM)
+    computes no offsets at all."""
+    kernel = self.lm_head.kernel.astype(jnp.float32)
+    rest = jnp.einsum("se,ev->sv", self.stream_emb.embedding[1:].astype(jnp.float32), kernel)
+    return jnp.concatenate([jnp.zeros((1, kernel.shape[1]), jnp.float32), rest], axis=0)
+
   # ---- entry points ----
 
   def __call__(self, batch: Mapping[str, jax.Array]):
     """Returns (loss, aux). aux: text_loss, audio_loss, stream_loss [S], num_target_tokens."""
     cfg = self.cfg
     h = self.hidden(batch)
-    kernel = self.lm_head.kernel
-    offsets = jnp.einsum("se,ev->sv", self.stream_table().astype(jnp.float32),
-                         kernel.astype(jnp.float32))
     targets, weights = loss_lib.shift_targets(batch["input_ids"], batch["loss_weights"], batch["segment_ids"])
-    sums = loss_lib.multistream_loss_sums(h, kernel, offsets, targets, weights, cfg)
+    sums = loss_lib.multistream_loss_sums(h, self.lm_head.kernel, self.stream_offsets(), targets, weights, cfg)
     return loss_lib.finalize_loss(sums, cfg)
 
   def logits(self, batch):

@@ -67,11 +67,6 @@ class BagpiperDecoder(Bagpiper):
     out = jnp.einsum("...e,ev->...v", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(out, ("batch", "length", "vocab")) if out.ndim == 3 else out
 
-  def stream_offsets(self):
-    """[S, V] float32: stream_emb[n] @ lm_head (row 0 is zero), added to the base logits of stream n."""
-    return jnp.einsum("se,ev->sv", self.stream_table().astype(jnp.float32),
-                      self.lm_head.kernel.astype(jnp.float32))
-
 
 def full_logits(base, offsets):
   """All streams' logits [..., S, V] from base [..., V] and offsets [S, V] (tests, small inputs)."""
