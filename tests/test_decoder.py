@@ -18,13 +18,13 @@ from bagpiper_jax.model import config as config_lib
 from conftest import hf_qwen3, tiny_model_config
 
 
-def _text_batch(ids, segment_ids=None, positions=None):
+def _text_batch(ids, segment_ids=None, positions=None, streams=8):
   b, l = ids.shape
-  x = np.zeros((b, l, 8), np.int32)
+  x = np.zeros((b, l, streams), np.int32)
   x[..., 0] = ids
   seg = np.ones((b, l), np.int32) if segment_ids is None else segment_ids
   pos = np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy() if positions is None else positions
-  return {"input_ids": x, "loss_weights": np.zeros((b, l, 8), np.float32), "segment_ids": seg,
+  return {"input_ids": x, "loss_weights": np.zeros((b, l, streams), np.float32), "segment_ids": seg,
           "positions": pos}
 
 
@@ -75,9 +75,8 @@ def test_one_stream_model_is_a_plain_qwen3_lm():
   rng = np.random.default_rng(1)
   ids = rng.integers(cfg.num_specials, cfg.codec_start, size=(2, 13)).astype(np.int32)
   b, l = ids.shape
-  batch = {"input_ids": ids[..., None], "loss_weights": np.ones((b, l, 1), np.float32),
-           "segment_ids": np.ones((b, l), np.int32),
-           "positions": np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy()}
+  batch = _text_batch(ids, streams=1)
+  batch["loss_weights"][:] = 1.0
   params = _init(cfg, batch)
   assert params["stream_emb"]["embedding"].shape == (1, cfg.hidden_size)
   state = {k: v.numpy() for k, v in hf.state_dict().items()}
