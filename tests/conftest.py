@@ -1,4 +1,5 @@
-"""Shared test fixtures: tiny configs and a reference torch Qwen3 built from them."""
+"""Shared test fixtures: tiny configs, a reference torch Qwen3 built from them, jitted model init, and
+the XLA flags of the suite (inherited by the subprocesses its tests start)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,32 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pytest  # noqa: E402
+# XLA:CPU spends most of this suite's time in LLVM's optimisation passes over programs that then run a
+# few times on tiny shapes: without them (XLA's backend optimisation level 0) a typical test compiles in
+# half the time. For the suite only; the product, its commands and its benchmarks keep XLA's defaults,
+# and CI runs the README's main command outside the suite with them.
+SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if SUITE_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SUITE_XLA_FLAGS}".strip()
 
+
+def xla_flags(*flags: str) -> str:
+  """The suite's XLA_FLAGS plus `flags`, for a subprocess's environment."""
+  return " ".join([os.environ["XLA_FLAGS"], *flags])
+
+
+def with_default_xla_optimisation(env: dict) -> dict:
+  """`env` (a subprocess's environment) without the suite's flags: for commands whose time goes into
+  running steps rather than compiling them (the README's main command, the benchmark), which run
+  slower without LLVM's optimisations than they compile faster."""
+  flags = env.get("XLA_FLAGS", "").replace(SUITE_XLA_FLAGS, "").strip()
+  return {k: v for k, v in env.items() if k != "XLA_FLAGS"} | ({"XLA_FLAGS": flags} if flags else {})
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from bagpiper_jax.model import Bagpiper  # noqa: E402
 from bagpiper_jax.model.config import AudioEncoderConfig, ModelConfig  # noqa: E402
 
 
@@ -59,3 +84,14 @@ def hf_qwen3(cfg: ModelConfig, seed: int = 0):
 
 def replace(cfg: ModelConfig, **kw) -> ModelConfig:
   return dataclasses.replace(cfg, **kw)
+
+
+def init_params(cfg: ModelConfig, batch, seed: int = 0):
+  """Bagpiper(cfg)'s initial params (unboxed) for `batch`, from one compiled program.
+
+  The same values as the eager `Bagpiper(cfg).init(jax.random.PRNGKey(seed), batch)` (jax.random draws
+  the same bits under jit); eagerly, each of init's ops compiles a program of its own (~20 s on XLA:CPU).
+  The batch is closed over, so the model's checks on its concrete values still run.
+  """
+  model = Bagpiper(cfg)
+  return jax.jit(lambda key: nn.meta.unbox(model.init(key, batch)["params"]))(jax.random.PRNGKey(seed))

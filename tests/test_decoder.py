@@ -15,7 +15,7 @@ from bagpiper_jax.convert import rules
 from bagpiper_jax import batch as batch_lib
 from bagpiper_jax.model import Bagpiper, ModelConfig
 from bagpiper_jax.model import config as config_lib
-from conftest import hf_qwen3, tiny_model_config
+from conftest import hf_qwen3, init_params, tiny_model_config
 
 
 def _text_batch(ids, segment_ids=None, positions=None, streams=8):
@@ -26,10 +26,6 @@ def _text_batch(ids, segment_ids=None, positions=None, streams=8):
   pos = np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy() if positions is None else positions
   return {"input_ids": x, "loss_weights": np.zeros((b, l, streams), np.float32), "segment_ids": seg,
           "positions": pos}
-
-
-def _init(cfg, batch, seed=0):
-  return nn.meta.unbox(Bagpiper(cfg).init(jax.random.PRNGKey(seed), batch)["params"])
 
 
 def _merge(params, new):
@@ -52,7 +48,7 @@ def test_text_logits_match_transformers_qwen3():
   rng = np.random.default_rng(0)
   ids = rng.integers(cfg.num_specials, cfg.codec_start, size=(2, 13)).astype(np.int32)
   batch = _text_batch(ids)
-  params = _init(cfg, batch)
+  params = init_params(cfg, batch)
   state = {k: v.numpy() for k, v in hf.state_dict().items()}
   params = _merge(params, rules.from_torch_tensors(state.__getitem__, rules.decoder_rules(cfg)))
   # Random stream_emb: stream 0 must still equal plain Qwen3 (row 0 is held at zero).
@@ -77,7 +73,7 @@ def test_one_stream_model_is_a_plain_qwen3_lm():
   b, l = ids.shape
   batch = _text_batch(ids, streams=1)
   batch["loss_weights"][:] = 1.0
-  params = _init(cfg, batch)
+  params = init_params(cfg, batch)
   assert params["stream_emb"]["embedding"].shape == (1, cfg.hidden_size)
   state = {k: v.numpy() for k, v in hf.state_dict().items()}
   params = _merge(params, rules.from_torch_tensors(state.__getitem__, rules.decoder_rules(cfg)))
@@ -99,7 +95,7 @@ def test_packed_documents_equal_separate_documents():
   seg = np.array([[1] * 7 + [2] * 9 + [0] * 4], np.int32)
   pos = np.array([list(range(7)) + list(range(9)) + [0] * 4], np.int32)
   packed = _text_batch(row, seg, pos)
-  params = _randomize(_init(cfg, packed))
+  params = _randomize(init_params(cfg, packed))
   model = Bagpiper(cfg)
   out = np.asarray(model.apply({"params": params}, packed, method=Bagpiper.logits))
   out_a = np.asarray(model.apply({"params": params}, _text_batch(a[None].astype(np.int32)),
@@ -117,7 +113,7 @@ def test_query_chunked_attention_equals_dense():
   seg = np.array([[1] * 10 + [2] * 11 + [0] * 2, [1] * 23], np.int32)
   pos = np.array([list(range(10)) + list(range(11)) + [0, 0], list(range(23))], np.int32)
   batch = _text_batch(row, seg, pos)
-  params = _randomize(_init(cfg, batch))
+  params = _randomize(init_params(cfg, batch))
   dense = Bagpiper(cfg).apply({"params": params}, batch, method=Bagpiper.logits)
   for q_chunk in (4, 5, 23):  # 23 = 4*5+3 and 5*4+3 exercise the padded last block
     chunked = Bagpiper(dataclasses.replace(cfg, attention_q_chunk=q_chunk)).apply(
@@ -215,7 +211,7 @@ def _reference_loss(logits, batch, cfg):
 def test_multistream_loss_equals_hand_computed(chunk):
   cfg = dataclasses.replace(tiny_model_config(), loss_chunk_size=chunk)
   batch = _mixed_batch(cfg)
-  params = _randomize(_init(cfg, batch), std=0.1)
+  params = _randomize(init_params(cfg, batch), std=0.1)
   model = Bagpiper(cfg)
   loss, aux = model.apply({"params": params}, batch)
   logits = model.apply({"params": params}, batch, method=Bagpiper.logits)
@@ -268,7 +264,7 @@ def test_fused_loss_gradients_equal_autodiff_of_full_logits(per_row):
   assert batch["loss_weights"][0, first_text, 0] == 1.0
   batch = dict(batch, input_ids=ids.copy())
   batch["input_ids"][0, first_text, 0] = 0
-  params = _randomize(_init(cfg, batch), std=0.1)
+  params = _randomize(init_params(cfg, batch), std=0.1)
   model = Bagpiper(cfg)
   # Jitted: op by op, the two gradients compile a program per primitive and shape (seconds on XLA:CPU).
   loss, grads = jax.jit(jax.value_and_grad(lambda p: model.apply({"params": p}, batch)[0]))(params)
@@ -288,7 +284,7 @@ def test_metrics_are_zero_not_nan_without_audio_targets():
   ids = np.full((1, 12), 300, np.int32)
   batch = _text_batch(ids)
   batch["loss_weights"][0, 3:, 0] = 1.0
-  _, aux = Bagpiper(cfg).apply({"params": _init(cfg, batch)}, batch)
+  _, aux = Bagpiper(cfg).apply({"params": init_params(cfg, batch)}, batch)
   assert float(aux["audio_loss"]) == 0.0 and np.isfinite(float(aux["text_loss"]))
 
 
@@ -298,7 +294,7 @@ def test_audio_rows_are_exactly_the_picked_adapter_frames():
   the gather's (a scatter-add of the rows' cotangents). In bf16, where an inexact contraction would show."""
   cfg = dataclasses.replace(tiny_model_config(), dtype="bfloat16")
   batch = _mixed_batch(cfg)
-  params = _randomize(_init(cfg, batch), std=0.1)
+  params = _randomize(init_params(cfg, batch), std=0.1)
   model = Bagpiper(cfg)
   jbatch = jax.tree.map(jnp.asarray, batch)
   x = model.apply({"params": params}, jbatch["input_ids"], method=Bagpiper.embed_rows)
@@ -343,7 +339,7 @@ def test_embed_rows_equal_the_sum_of_per_stream_lookups(dtype, codec_embedding):
                      cfg.codec_id(n, rng.integers(0, cfg.codebook_size, ids.shape[:2])))
     ids[..., n] = np.where(codec_rows, codes, ids[..., n] if n == 0 else 0)
   assert (ids[..., 1:] != 0).any() and (ids[..., 1:] == 0).any()
-  params = _randomize(_init(cfg, batch), std=0.5)
+  params = _randomize(init_params(cfg, batch), std=0.5)
   model = Bagpiper(cfg)
   got = model.apply({"params": params}, jnp.asarray(ids), method=Bagpiper.embed_rows)
 
@@ -370,7 +366,7 @@ def test_embed_rows_equal_the_sum_of_per_stream_lookups(dtype, codec_embedding):
 def test_audio_rows_change_the_output_and_encoder_gets_no_gradient():
   cfg = tiny_model_config()
   batch = _mixed_batch(cfg)
-  params = _randomize(_init(cfg, batch), std=0.1)
+  params = _randomize(init_params(cfg, batch), std=0.1)
   model = Bagpiper(cfg)
   other = dict(batch, audio_mel=batch["audio_mel"] * 2.0)
   l1, _ = model.apply({"params": params}, batch)
@@ -388,7 +384,7 @@ def test_audio_rows_change_the_output_and_encoder_gets_no_gradient():
 def test_bad_input_raises_clear_errors(tiny_cfg):
   model = Bagpiper(tiny_cfg)
   good = _mixed_batch(tiny_cfg)
-  params = _init(tiny_cfg, good)
+  params = init_params(tiny_cfg, good)
   call = lambda b: model.apply({"params": params}, b)
   with pytest.raises(ValueError, match=r"input_ids must be \[B, L, 8\]"):
     call(dict(good, input_ids=good["input_ids"][..., 0]))
@@ -428,7 +424,7 @@ def test_compile_size_does_not_grow_with_depth():
   for n in (2, 8):
     cfg = tiny_model_config(num_layers=n, remat_policy="nothing_saveable")
     batch = _text_batch(np.full((1, 16), 300, np.int32))
-    params = jax.eval_shape(lambda: _init(cfg, batch))
+    params = jax.eval_shape(lambda: init_params(cfg, batch))
     fn = jax.jit(jax.grad(lambda p, b: Bagpiper(cfg).apply({"params": p}, b)[0]))
     sizes.append(len(fn.lower(params, batch).as_text()))
   assert sizes[1] < 1.05 * sizes[0], sizes
@@ -442,7 +438,7 @@ def test_scan_unroll_keeps_parameters_loss_and_gradients():
   out = []
   for unroll in (1, 2):
     cfg = tiny_model_config(num_layers=4, scan_unroll=unroll, remat_policy="minimal_with_context")
-    params = _init(tiny_model_config(num_layers=4), batch)
+    params = init_params(tiny_model_config(num_layers=4), batch)
     out.append(jax.value_and_grad(lambda p: Bagpiper(cfg).apply({"params": p}, batch)[0])(params))
   assert jax.tree.structure(out[0][1]) == jax.tree.structure(out[1][1])
   assert out[0][0] > 1.0 and float(jnp.abs(out[0][1]["layers"]["mlp"]["down_proj"]["kernel"]).max()) > 0

@@ -16,6 +16,7 @@ import pytest
 
 from bagpiper_jax import metrics
 from bagpiper_jax.model import doc_attention, layers
+from conftest import xla_flags
 
 BLOCKS = layers.pallas_gpu_blocks("32,16,16,32,32,16")  # unequal q/k blocks in every kernel
 
@@ -184,7 +185,7 @@ def test_splash_document_kernels_per_shard_on_eight_devices(tmp_path):
   device two rows and one K/V head, each row gets its own block masks; loss and gradients equal
   `layers.attend`'s."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu", PYTHONPATH=repo)
   p = subprocess.run([sys.executable, "-c", _SHARDED], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-4000:]
   res = json.loads([x for x in p.stdout.splitlines() if x.startswith("RESULT ")][0][7:])

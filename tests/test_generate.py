@@ -28,7 +28,7 @@ from bagpiper_jax.data import template
 from bagpiper_jax.generate import engine, loading, sampling
 from bagpiper_jax.model import Bagpiper
 from bagpiper_jax.model import config as mc
-from conftest import hf_qwen3, tiny_model_config
+from conftest import hf_qwen3, tiny_model_config, xla_flags
 from test_decode_cache import random_params
 
 
@@ -277,7 +277,7 @@ def test_sharded_decode_equals_single_device(tmp_path):
   """8 CPU devices (fsdp 2 x tensor 2 x sequence 2: weights, batch, KV heads and cache length split by
   the training rules) decode the same greedy rows (CFG 3, text then audio) as one device."""
   here = os.path.dirname(os.path.abspath(__file__))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
              PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
   p = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]

@@ -11,12 +11,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from bagpiper_jax import tokenizer
 from bagpiper_jax.model import Bagpiper
 from bagpiper_jax.model import config as mc
-from conftest import tiny_model_config
+from conftest import init_params, tiny_model_config
 
 
 def _reference_loss(logits, ids, mask, cfg, *, ignore_pad=True):
@@ -62,7 +61,7 @@ def test_pad_targets_are_ignored_but_counted():
   batch = {"input_ids": ids[None], "loss_weights": mask[None], "segment_ids": np.ones((1, ids.shape[0]), np.int32),
            "positions": np.arange(ids.shape[0], dtype=np.int32)[None]}
   model = Bagpiper(cfg)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch)["params"])
+  params = init_params(cfg, batch)
   params = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.PRNGKey(1), x.shape), params)
   loss, aux = model.apply({"params": params}, batch)
   logits = model.apply({"params": params}, batch, method=Bagpiper.logits)

@@ -16,14 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 from jax.ad_checkpoint import print_saved_residuals
 from jax.extend import core as jax_core
 
 from bagpiper_jax import bench, profiling, sharding, trainer
 from bagpiper_jax.model import Bagpiper, ModelConfig, layers
 from bagpiper_jax.synthetic import SyntheticIterator
-from conftest import tiny_model_config
+from conftest import init_params, tiny_model_config, with_default_xla_optimisation
 from configs import bagpiper_8b
 from configs.tiny import for_tests as tiny_train_config
 from launch import aot_compile, gpu_sweep, sweep
@@ -113,7 +112,7 @@ def test_profile_summary_counts_device_kernels_once():
 
 def test_bench_profile_dir_writes_and_summarizes_a_trace(tmp_path):
   """On this CPU host the trace has no device lines; the point is that the trace is written and read."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env = with_default_xla_optimisation(dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
   p = subprocess.run([sys.executable, "-m", "bagpiper_jax.bench", "--preset=tiny", "--steps=1", "--skip_torch",
                       f"--profile_dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
@@ -206,7 +205,7 @@ def _batch(cfg, l=24):
 def test_named_remat_policies_and_offload_give_the_same_gradients():
   cfg = tiny_model_config(remat_policy="none")
   batch = _batch(cfg)
-  params = nn.meta.unbox(Bagpiper(cfg).init(jax.random.PRNGKey(0), batch)["params"])
+  params = init_params(cfg, batch)
   ref = _grads(cfg, batch, params)
   for policy, offload in [("minimal", ""), ("minimal_with_context", ""), ("save_qkv_proj", ""),
                           ("custom", "decoder_layer_input,query_proj,key_proj,value_proj,out_proj")]:
@@ -318,7 +317,7 @@ def test_dot_product_attention_path_equals_xla_attention():
 def test_model_runs_with_the_kernel_interpret_paths(impl):
   cfg = tiny_model_config()
   batch = _batch(cfg, l=32)
-  params = nn.meta.unbox(Bagpiper(cfg).init(jax.random.PRNGKey(0), batch)["params"])
+  params = init_params(cfg, batch)
   ref, _ = Bagpiper(cfg).apply({"params": params}, batch)
   got, _ = Bagpiper(dataclasses.replace(cfg, attention_impl=impl)).apply({"params": params}, batch)
   np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)

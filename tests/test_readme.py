@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import readme_commands  # tests/readme_commands.py: the README's commands, read from the README
+from conftest import with_default_xla_optimisation
 
 from bagpiper_jax import paths
 from configs import tiny
@@ -26,7 +27,8 @@ TPU_PROBE_NOISE = ("jellyfish", "unexpected worker hostname", "could not determi
 
 
 def _run(cwd, argv, timeout=900):
-  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "PYTHONPATH")}
+  env = with_default_xla_optimisation(
+      {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "PYTHONPATH")})
   env["PYTHONPATH"] = REPO  # the checkout under test, wherever the command runs from
   return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 

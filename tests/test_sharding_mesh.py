@@ -21,6 +21,7 @@ from bagpiper_jax import sharding, train_state
 from bagpiper_jax.model import ModelConfig
 from configs import bagpiper_8b
 from configs.tiny import for_tests as tiny_train_config
+from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,7 +126,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_one_device_vs_eight_fake_devices_fsdp4_tensor2(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu",
              PYTHONPATH=REPO)
   p = subprocess.run([sys.executable, "-c", _EQUIV, str(tmp_path)], cwd=REPO, env=env,
                      capture_output=True, text=True, timeout=600)
