@@ -23,13 +23,15 @@ from bagpiper_jax.convert import params_io
 from bagpiper_jax.generate import engine
 from bagpiper_jax import tokenizer as tokenizer_lib
 from configs import tiny
+from conftest import with_default_xla_optimisation
 from data_pipeline import demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  """The README commands' environment: XLA's default optimisation (they spend their time running steps)."""
+  return with_default_xla_optimisation(dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
 
 
 def test_demo_checkpoint_captions_a_heldout_clip_and_renders_a_wav(tmp_path):

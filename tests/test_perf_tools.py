@@ -344,7 +344,7 @@ def test_bench_separate_processes_reports_both_sides_against_one_peak():
   """--separate_processes (the GPU mode: each framework alone on the device) runs each side in its own
   process and reports both against the parent's peak: the torch side's process keeps JAX on the CPU,
   so it must not measure a peak of its own."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env = with_default_xla_optimisation(dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
   p = subprocess.run([sys.executable, "-m", "bagpiper_jax.bench", "--preset=tiny", "--steps=2", "--rows=1",
                       "--seq_len=64", "--separate_processes"], env=env, capture_output=True, text=True,
                      timeout=600, cwd=REPO)

@@ -19,6 +19,7 @@ from bagpiper_jax.data import input_pipeline as pipeline
 from bagpiper_jax.metrics import read_jsonl
 from bagpiper_jax.model import ModelConfig
 from configs.tiny import for_tests as tiny_train_config
+from conftest import with_default_xla_optimisation
 from data_pipeline.synthetic_records import write_tiny_sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,7 +198,7 @@ def test_sigterm_saves_and_exits_cleanly(run, tmp_path):
 def test_readme_command_on_demo_data(tmp_path):
   """`python -m bagpiper_jax.train --config=configs/tiny.py` as in the README (~5 min on 2 cores):
   generates the demo data, trains 200 steps, evals, ends with a checkpoint."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env = with_default_xla_optimisation(dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
   wd = tmp_path / "workdirs" / "tiny"
   p = subprocess.run([sys.executable, "-m", "bagpiper_jax.train", "--config=configs/tiny.py",
                       f"--workdir={wd}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
