@@ -16,6 +16,13 @@ SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if SUITE_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SUITE_XLA_FLAGS}".strip()
 
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from bagpiper_jax.model import Bagpiper  # noqa: E402
+from bagpiper_jax.model.config import AudioEncoderConfig, ModelConfig  # noqa: E402
+
 
 def xla_flags(*flags: str) -> str:
   """The suite's XLA_FLAGS plus `flags`, for a subprocess's environment."""
@@ -28,13 +35,6 @@ def with_default_xla_optimisation(env: dict) -> dict:
   slower without LLVM's optimisations than they compile faster."""
   flags = env.get("XLA_FLAGS", "").replace(SUITE_XLA_FLAGS, "").strip()
   return {k: v for k, v in env.items() if k != "XLA_FLAGS"} | ({"XLA_FLAGS": flags} if flags else {})
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
-from flax import linen as nn  # noqa: E402
-
-from bagpiper_jax.model import Bagpiper  # noqa: E402
-from bagpiper_jax.model.config import AudioEncoderConfig, ModelConfig  # noqa: E402
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
